@@ -1,0 +1,41 @@
+"""The `data` section of a run config."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from dissect_ds.data.shards import validate_spec
+
+
+@dataclass
+class DataConfig:
+    """Where the pairs come from and how they are streamed.
+
+    `train`/`val`: a prepared split directory (``*.tar`` + ``sizes.json``) or a
+    brace-expanded shard spec (``dir/{000..009}.tar``); several sources are joined
+    with ``::``. `val` None disables evaluation. `num_workers` is per rank (0 = read
+    in the main process). `resampled` draws shards with replacement (seeded) instead
+    of epoch passes. `classnames` defaults to ``classnames.txt`` in or beside the
+    val directory.
+    """
+
+    train: str = ""
+    val: str | None = None
+    num_workers: int = 1
+    shuffle_buffer: int = 1000
+    resampled: bool = False
+    classnames: str | None = None
+
+    def validate(self) -> str | None:
+        """Return None if usable, else a one-line error naming the key (cheap checks)."""
+        if self.num_workers < 0:
+            return f"data.num_workers: must be >= 0, got {self.num_workers}"
+        if self.shuffle_buffer < 0:
+            return f"data.shuffle_buffer: must be >= 0, got {self.shuffle_buffer}"
+        err = validate_spec(self.train, name="data.train")
+        if err is None and self.val:
+            err = validate_spec(self.val, name="data.val")
+        if err is None and self.classnames and not os.path.isfile(self.classnames):
+            err = f"data.classnames: no such file {self.classnames!r}"
+        return err

@@ -1,0 +1,536 @@
+"""Deterministic, exactly resumable streams of decoded batches.
+
+Order contract: the samples a rank sees are a pure function of (seed, stream epoch,
+rank, world_size, num_workers, shuffle_buffer). For stream epoch e the shard list is
+shuffled with a RNG seeded by (seed, e); rank r takes shards[r::world_size] and its
+logical worker w takes that share's [w::num_workers]; a shuffle buffer seeded by
+(seed, e, r, w) mixes the raw (undecoded) samples; then samples are decoded, checked
+and batched inside the worker. With `resampled`, epoch e of a worker is instead
+ceil(num_shards / (world_size * num_workers)) shards drawn with replacement from a RNG
+seeded by (seed, e, r, w). Each worker's stream is infinite: it rolls into its next
+epoch on its own.
+
+Resume: every batch carries its worker id and that worker's position (epoch, raw
+samples taken out of the shuffle buffer in that epoch) after the batch's last sample.
+A resumed worker rebuilds its epoch and replays that many raw samples through the
+shuffle buffer without decoding them, so the batches that follow are bit-identical.
+DataLoader hands out batches from its workers round-robin, starting at worker 0;
+worker ids are rotated so that the worker after the last one consumed goes first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import random
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dissect_ds.data.batch import Batch
+from dissect_ds.data.config import DataConfig
+from dissect_ds.data.shards import IMAGE_EXTS, Shard, ShardSet, read_shard, resolve, split_folder
+
+log = logging.getLogger(__name__)
+
+SKIP_REASONS = ("corrupt_image", "missing_caption", "bad_json")
+STATE_VERSION = 1
+
+Preprocess = Callable[[Image.Image], torch.Tensor]
+Tokenizer = Callable[[list[str]], torch.Tensor]
+T = TypeVar("T")
+
+
+def _mix(*parts: int | str) -> int:
+    """A stable 63-bit seed from `parts` (Python's hash() is salted per process)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _identity(x: T) -> T:
+    return x
+
+
+def _no_skips() -> dict[str, int]:
+    return dict.fromkeys(SKIP_REASONS, 0)
+
+
+@dataclass
+class _Sample:
+    image: torch.Tensor
+    caption: str
+    uid: int
+    noisy: bool | None
+    label: int | None
+
+
+@dataclass
+class _Decoder:
+    """Raw sample -> _Sample, or the skip reason. With `seed`, the preprocess RNGs
+    (torch CPU and `random`) are seeded from (seed, epoch, uid) so random
+    augmentation is reproducible; the caller's RNG state is restored afterwards."""
+
+    preprocess: Preprocess
+    seed: int | None = None
+
+    def __call__(self, raw: dict[str, bytes], shard: Shard, pos: int, epoch: int) -> _Sample | str:
+        meta: Any = {}
+        if "json" in raw:
+            try:
+                meta = json.loads(raw["json"])
+            except ValueError:
+                return "bad_json"
+            if not isinstance(meta, dict):
+                return "bad_json"
+        if shard.json_uids:
+            uid = meta.get("uid")
+            if not _is_int(uid) or not 0 <= uid < shard.uid_limit:
+                return "bad_json"
+            uid += shard.uid_offset
+        else:
+            uid = shard.uid_base + pos
+        noisy, label = meta.get("noisy"), meta.get("label")
+        if noisy is not None and not (isinstance(noisy, bool) or noisy in (0, 1)):
+            return "bad_json"
+        if label is not None and not _is_int(label):
+            return "bad_json"
+        caption = raw.get("txt", b"").decode("utf-8", errors="replace").strip()
+        if not caption:
+            return "missing_caption"
+        ext = next((e for e in IMAGE_EXTS if e in raw), None)
+        if ext is None:
+            return "corrupt_image"
+        try:
+            with Image.open(io.BytesIO(raw[ext])) as img:
+                img.load()
+                rgb = img.convert("RGB")
+        except Exception:  # PIL raises many types for bad bytes
+            return "corrupt_image"
+        if self.seed is None:
+            image = self.preprocess(rgb)
+        else:
+            image = _seeded(self.preprocess, rgb, _mix(self.seed, epoch, uid))
+        return _Sample(
+            image=image,
+            caption=caption,
+            uid=uid,
+            noisy=None if noisy is None else bool(noisy),
+            label=label,
+        )
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _seeded(fn: Preprocess, img: Image.Image, seed: int) -> torch.Tensor:
+    gen = torch.default_generator
+    torch_state, py_state = gen.get_state(), random.getstate()
+    gen.manual_seed(seed)
+    random.seed(seed)
+    try:
+        return fn(img)
+    finally:
+        gen.set_state(torch_state)
+        random.setstate(py_state)
+
+
+def _collate(samples: list[_Sample], tokenizer: Tokenizer) -> Batch:
+    def optional(values: list, dtype: torch.dtype) -> torch.Tensor | None:
+        return None if any(v is None for v in values) else torch.tensor(values, dtype=dtype)
+
+    return Batch(
+        images=torch.stack([s.image for s in samples]).float(),
+        tokens=torch.as_tensor(tokenizer([s.caption for s in samples])).long(),
+        uids=torch.tensor([s.uid for s in samples], dtype=torch.int64),
+        noisy=optional([s.noisy for s in samples], torch.bool),
+        labels=optional([s.label for s in samples], torch.int64),
+    )
+
+
+def _shuffled(items: Iterable[T], bufsize: int, rng: random.Random) -> Iterator[T]:
+    """Streaming shuffle through a buffer of `bufsize` items (<= 1: unchanged order)."""
+    if bufsize <= 1:
+        yield from items
+        return
+    buf: list[T] = []
+    for item in items:
+        if len(buf) < bufsize:
+            buf.append(item)
+            continue
+        i = rng.randrange(bufsize)
+        yield buf[i]
+        buf[i] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _raw_samples(shards: Iterable[Shard]) -> Iterator[tuple[Shard, int, dict[str, bytes]]]:
+    for shard in shards:
+        for pos, raw in enumerate(read_shard(shard.url)):
+            yield shard, pos, raw
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Everything the sample order depends on, besides the shard set."""
+
+    seed: int
+    rank: int
+    world_size: int
+    num_workers: int  # logical workers, >= 1
+    resampled: bool
+    shuffle_buffer: int
+
+    def epoch_shards(self, shards: tuple[Shard, ...], epoch: int, worker: int) -> list[Shard]:
+        if self.resampled:
+            rng = random.Random(_mix(self.seed, "draw", epoch, self.rank, worker))
+            n = max(1, math.ceil(len(shards) / (self.world_size * self.num_workers)))
+            return [shards[rng.randrange(len(shards))] for _ in range(n)]
+        order = list(range(len(shards)))
+        random.Random(_mix(self.seed, "shards", epoch)).shuffle(order)
+        mine = order[self.rank :: self.world_size][worker :: self.num_workers]
+        return [shards[i] for i in mine]
+
+    def buffer_rng(self, epoch: int, worker: int) -> random.Random:
+        return random.Random(_mix(self.seed, "buffer", epoch, self.rank, worker))
+
+
+@dataclass
+class _Position:
+    """A worker's place: `consumed` raw samples of stream epoch `epoch` are behind it."""
+
+    epoch: int = 0
+    consumed: int = 0
+    skips: dict[str, int] = field(default_factory=_no_skips)
+
+
+@dataclass
+class _Meta:
+    worker: int
+    position: _Position
+
+
+class _TrainIterable(IterableDataset):
+    def __init__(
+        self,
+        shardset: ShardSet,
+        layout: _Layout,
+        batch_size: int,
+        decoder: _Decoder,
+        tokenizer: Tokenizer,
+        starts: list[_Position],
+        worker_offset: int,
+    ) -> None:
+        self.shardset, self.layout, self.batch_size = shardset, layout, batch_size
+        self.decoder, self.tokenizer = decoder, tokenizer
+        self.starts, self.worker_offset = starts, worker_offset
+
+    def __iter__(self) -> Iterator[tuple[Batch, _Meta]]:
+        info = get_worker_info()
+        worker = ((info.id if info else 0) + self.worker_offset) % self.layout.num_workers
+        start = self.starts[worker]
+        epoch, skip, skips = start.epoch, start.consumed, dict(start.skips)
+        pending: list[_Sample] = []
+        while True:
+            shards = self.layout.epoch_shards(self.shardset.shards, epoch, worker)
+            raw = _shuffled(_raw_samples(shards), self.layout.shuffle_buffer, self.layout.buffer_rng(epoch, worker))
+            consumed = good = 0
+            for shard, pos, sample in raw:
+                consumed += 1
+                if consumed <= skip:  # fast-forward after resume: no decoding
+                    continue
+                out = self.decoder(sample, shard, pos, epoch)
+                if isinstance(out, str):
+                    skips[out] += 1
+                    log.debug("data: skipped %s in %s (%s)", sample["__key__"], shard.url, out)
+                    continue
+                good += 1
+                pending.append(out)
+                if len(pending) == self.batch_size:
+                    pos_after = _Position(epoch, consumed, dict(skips))
+                    yield _collate(pending, self.tokenizer), _Meta(worker, pos_after)
+                    pending = []
+            if good == 0 and skip == 0:
+                raise RuntimeError(
+                    f"data: rank {self.layout.rank} worker {worker} found no usable sample in "
+                    f"stream epoch {epoch} ({len(shards)} shards; skipped so far: {skips})"
+                )
+            epoch, skip = epoch + 1, 0
+
+
+class TrainStream:
+    """An infinite stream of this rank's batches of exactly `batch_size` pairs.
+
+    Iterating (again) continues from the position after the last batch handed out.
+    `state_dict()` is that position (per-rank: save every rank's); pass it as `state`
+    to :func:`build_train_stream` to continue bit-identically.
+    """
+
+    def __init__(
+        self,
+        shardset: ShardSet,
+        layout: _Layout,
+        *,
+        batch_size: int,
+        decoder: _Decoder,
+        tokenizer: Tokenizer,
+        loader_workers: int,
+        positions: list[_Position],
+        next_worker: int,
+    ) -> None:
+        self.num_samples = shardset.num_samples
+        self.num_uids = shardset.num_uids
+        self._shardset, self._layout = shardset, layout
+        self._batch_size, self._decoder, self._tokenizer = batch_size, decoder, tokenizer
+        self._loader_workers = loader_workers
+        self._positions, self._next_worker = positions, next_worker
+
+    def __iter__(self) -> Iterator[Batch]:
+        dataset = _TrainIterable(
+            self._shardset,
+            self._layout,
+            self._batch_size,
+            self._decoder,
+            self._tokenizer,
+            starts=[_Position(p.epoch, p.consumed, dict(p.skips)) for p in self._positions],
+            worker_offset=self._next_worker,
+        )
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self._loader_workers,
+            collate_fn=_identity,
+            pin_memory=torch.cuda.is_available(),
+            # Its own generator: creating the loader must not draw from the global RNG.
+            generator=torch.Generator().manual_seed(self._layout.seed),
+        )
+        for batch, meta in loader:
+            self._positions[meta.worker] = meta.position
+            self._next_worker = (meta.worker + 1) % self._layout.num_workers
+            yield batch
+
+    def state_dict(self) -> dict:
+        """Position after the last batch handed out (not what workers prefetched)."""
+        lay = self._layout
+        return {
+            "version": STATE_VERSION,
+            "seed": lay.seed,
+            "rank": lay.rank,
+            "world_size": lay.world_size,
+            "num_workers": lay.num_workers,
+            "resampled": lay.resampled,
+            "shuffle_buffer": lay.shuffle_buffer,
+            "fingerprint": self._shardset.fingerprint(),
+            "positions": [[p.epoch, p.consumed] for p in self._positions],
+            "skips": [dict(p.skips) for p in self._positions],
+            "next_worker": self._next_worker,
+        }
+
+    def skip_counts(self) -> dict[str, int]:
+        """Samples skipped on this rank so far (up to the last batch handed out), by reason."""
+        total = _no_skips()
+        for p in self._positions:
+            for k, v in p.skips.items():
+                total[k] = total.get(k, 0) + v
+        return total
+
+
+def _restore(state: dict, layout: _Layout, shardset: ShardSet) -> tuple[list[_Position], int]:
+    """Worker positions and next worker from a saved state; a different layout or
+    data set restarts all workers at the stream epoch after the furthest saved one."""
+    saved = {k: state.get(k) for k in ("seed", "world_size", "num_workers", "resampled", "shuffle_buffer")}
+    now = {
+        "seed": layout.seed,
+        "world_size": layout.world_size,
+        "num_workers": layout.num_workers,
+        "resampled": layout.resampled,
+        "shuffle_buffer": layout.shuffle_buffer,
+    }
+    same_data = state.get("fingerprint") == shardset.fingerprint()
+    if state.get("version") == STATE_VERSION and saved == now and same_data:
+        if state["rank"] != layout.rank:
+            raise ValueError(f"data: rank {layout.rank} was given the stream state of rank {state['rank']}")
+        positions = [
+            _Position(e, c, {**_no_skips(), **s}) for (e, c), s in zip(state["positions"], state["skips"], strict=True)
+        ]
+        return positions, int(state["next_worker"]) % layout.num_workers
+    epoch = 1 + max((int(p[0]) for p in state.get("positions", [])), default=-1)
+    changed = {k: f"{saved[k]}->{now[k]}" for k in now if saved[k] != now[k]}
+    if not same_data:
+        changed["data"] = f"{state.get('fingerprint')}->{shardset.fingerprint()}"
+    log.warning(
+        "data: saved stream state does not match this run (%s); starting at stream epoch %d, "
+        "so the rest of the interrupted epoch is not replayed",
+        ", ".join(f"{k} {v}" for k, v in changed.items()),
+        epoch,
+    )
+    positions = [_Position(epoch, 0) for _ in range(layout.num_workers)]
+    for s in state.get("skips", []):
+        for k, v in s.items():
+            positions[0].skips[k] = positions[0].skips.get(k, 0) + int(v)
+    return positions, 0
+
+
+def build_train_stream(
+    cfg: DataConfig,
+    *,
+    seed: int,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    preprocess: Preprocess,
+    tokenizer: Tokenizer,
+    state: dict | None = None,
+) -> TrainStream:
+    """This rank's infinite training stream of `batch_size`-pair batches.
+
+    Raises ValueError (one line) if the spec is unusable or, without `resampled`, the
+    rank gets no shard. Without `resampled`, a rank with fewer shards than
+    `num_workers` uses one worker per shard.
+    """
+    shardset = resolve(cfg.train, "data.train")
+    n = len(shardset.shards)
+    workers = max(1, cfg.num_workers)
+    if not cfg.resampled:
+        mine = len(range(rank, n, world_size))
+        if mine == 0:
+            raise ValueError(
+                f"data.train: rank {rank} of {world_size} gets no shard ({n} shards); write "
+                f"at least {world_size} shards (prepare --shard-size smaller) or set "
+                f"data.resampled=true"
+            )
+        if workers > mine:
+            log.warning(
+                "data: rank %d has %d shard(s) per stream epoch; using %d DataLoader worker(s) instead of %d",
+                rank,
+                mine,
+                mine,
+                workers,
+            )
+            workers = mine
+    layout = _Layout(
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        num_workers=workers,
+        resampled=cfg.resampled,
+        shuffle_buffer=cfg.shuffle_buffer,
+    )
+    if state:
+        positions, next_worker = _restore(state, layout, shardset)
+    else:
+        positions, next_worker = [_Position() for _ in range(workers)], 0
+    return TrainStream(
+        shardset,
+        layout,
+        batch_size=batch_size,
+        decoder=_Decoder(preprocess, seed),
+        tokenizer=tokenizer,
+        loader_workers=0 if cfg.num_workers == 0 else workers,
+        positions=positions,
+        next_worker=next_worker,
+    )
+
+
+class _ValIterable(IterableDataset):
+    def __init__(
+        self,
+        shardset: ShardSet,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        decoder: _Decoder,
+        tokenizer: Tokenizer,
+        num_workers: int,
+    ) -> None:
+        self.shardset, self.rank, self.world_size = shardset, rank, world_size
+        self.batch_size, self.decoder, self.tokenizer = batch_size, decoder, tokenizer
+        self.num_workers = num_workers
+
+    def __iter__(self) -> Iterator[tuple[Batch | None, dict[str, int]]]:
+        info = get_worker_info()
+        worker = info.id if info else 0
+        skips = _no_skips()
+        pending: list[_Sample] = []
+        for shard, pos, raw in _raw_samples(self.shardset.shards[worker :: self.num_workers]):
+            if (shard.sample_offset + pos) % self.world_size != self.rank:
+                continue
+            out = self.decoder(raw, shard, pos, 0)
+            if isinstance(out, str):
+                skips[out] += 1
+                continue
+            pending.append(out)
+            if len(pending) == self.batch_size:
+                yield _collate(pending, self.tokenizer), {}
+                pending = []
+        yield (_collate(pending, self.tokenizer) if pending else None), skips
+
+
+def iter_val(
+    cfg: DataConfig,
+    *,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    preprocess: Preprocess,
+    tokenizer: Tokenizer,
+) -> Iterator[Batch]:
+    """This rank's share of the val set, each sample once over all ranks.
+
+    Sample i (shards in spec order, then position) goes to rank i % world_size.
+    Batches hold at most `batch_size` pairs; ranks may get different batch counts.
+    """
+    if not cfg.val:
+        raise ValueError("data.val: not set")
+    shardset = resolve(cfg.val, "data.val")
+    workers = min(cfg.num_workers, len(shardset.shards))
+    dataset = _ValIterable(
+        shardset,
+        rank,
+        world_size,
+        batch_size,
+        _Decoder(preprocess),
+        tokenizer,
+        num_workers=max(1, workers),
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        collate_fn=_identity,
+        generator=torch.Generator().manual_seed(0),
+    )
+    skipped = _no_skips()
+    for batch, skips in loader:
+        for k, v in skips.items():
+            skipped[k] += v
+        if batch is not None:
+            yield batch
+    if any(skipped.values()):
+        log.warning("data: rank %d skipped val samples: %s", rank, skipped)
+
+
+def read_classnames(cfg: DataConfig) -> list[str] | None:
+    """Class names, one per line, from `cfg.classnames` or else ``classnames.txt`` in
+    the val directory or its parent; None if there is none."""
+    path = cfg.classnames
+    if not path:
+        folder = split_folder(cfg.val) if cfg.val else None
+        if folder is None:
+            return None
+        candidates = [f"{folder}/classnames.txt", f"{folder}/../classnames.txt"]
+        path = next((c for c in candidates if os.path.isfile(c)), None)
+        if path is None:
+            return None
+    with open(path) as f:
+        names = [line.strip() for line in f if line.strip()]
+    return names or None

@@ -1,0 +1,321 @@
+"""The only module that touches DeepSpeed: engine set-up, train step, checkpoints,
+the host-resident historical model, and export to an open_clip state dict."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+
+from dissect_ds import distributed as D
+from dissect_ds.config import Config, load_ds_json
+from dissect_ds.loss import contrastive_loss
+from dissect_ds.model import build_model
+from dissect_ds.selection import Features
+
+NO_DECAY_KEYS = ("bn", "ln", "bias", "logit_scale")
+
+
+def init_distributed() -> D.DistInfo:
+    """Map any launcher's environment to torch's and start the process group.
+
+    gloo on CPU, NCCL on GPUs (via DeepSpeed's accelerator). Under mpirun, ranks agree on
+    a master port through mpi4py before the TCP rendezvous.
+    """
+    env = D.env_from_launcher()
+    mpi = "MASTER_PORT" not in os.environ and ("OMPI_COMM_WORLD_RANK" in os.environ or "PMI_RANK" in os.environ)
+    os.environ.update(env)
+    if mpi:
+        os.environ["MASTER_PORT"] = D.mpi_master_port()
+    info = D.info_from_env()
+    acc = get_accelerator()
+    backend = "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
+    if info.world_size > 1 or not D.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    if acc.device_name() != "cpu":
+        acc.set_device(info.local_rank)
+    return info
+
+
+def device() -> torch.device:
+    acc = get_accelerator()
+    if acc.device_name() == "cpu":
+        return torch.device("cpu")
+    return torch.device(acc.device_name(acc.current_device()))
+
+
+def build_ds_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed JSON from ``deepspeed.config`` with the run's overrides applied."""
+    ds = load_ds_json(cfg)
+    t = cfg.train
+    ds["train_batch_size"] = t.batch_size
+    ds["gradient_accumulation_steps"] = t.grad_accum
+    ds["train_micro_batch_size_per_gpu"] = t.batch_size // (world_size * t.grad_accum)
+    ds["gradient_clipping"] = t.grad_clip
+    ds["steps_per_print"] = 10**9
+    ds.setdefault("wall_clock_breakdown", False)
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    if cfg.deepspeed.zero_stage is not None:
+        zero["stage"] = cfg.deepspeed.zero_stage
+    if cfg.deepspeed.offload_optimizer is not None:
+        if cfg.deepspeed.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        else:
+            zero.pop("offload_optimizer", None)
+    for key in ("bf16", "fp16"):
+        value = getattr(cfg.deepspeed, key)
+        if value is not None:
+            ds.setdefault(key, {})["enabled"] = value
+    offload = "offload_optimizer" in zero and zero["offload_optimizer"].get("device", "none") != "none"
+    params = {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.eps, "weight_decay": t.weight_decay}
+    # torch's AdamW needs no JIT-compiled op (FusedAdam); the offloaded optimizer runs DeepSpeedCPUAdam.
+    ds["optimizer"] = {"type": "AdamW", "params": params if offload else {**params, "torch_adam": True}}
+    if offload:
+        ds["zero_force_ds_cpu_optimizer"] = True
+    return ds
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """open_clip's split: no weight decay on gains, biases and the logit scale."""
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or any(k in n for k in NO_DECAY_KEYS) else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """Linear warm-up to 1, then cosine to ``min_ratio`` at ``total``."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _input_dtype(ds_engine) -> torch.dtype:
+    if ds_engine.bfloat16_enabled():
+        return torch.bfloat16
+    if ds_engine.fp16_enabled():
+        return torch.float16
+    return torch.float32
+
+
+def _encode(ds_engine, batch, max_logit_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b = batch.to(device(), _input_dtype(ds_engine))
+    out = ds_engine(b.images, b.tokens)
+    return (
+        out["image_features"].float(),
+        out["text_features"].float(),
+        out["logit_scale"].float().clamp(max=max_logit_scale),
+    )
+
+
+def _pairs(live: torch.nn.Module, frozen: torch.nn.Module):
+    return zip(live.parameters(), frozen.parameters(), strict=True)
+
+
+class HistoricalModel:
+    """A frozen copy of the network held in host memory, as DeepSpeed-Chat holds reference
+    models: a second engine with ZeRO-3 parameter offload to CPU and no optimizer, so each
+    rank keeps 1/W of the weights in host RAM and only the layer being run is ever
+    gathered onto the accelerator. The same code path runs on CPU."""
+
+    def __init__(self, engine: Engine):
+        self.live = engine
+        model, *_ = build_model(engine.cfg.model.name)
+        model.requires_grad_(False)
+        ds = {
+            "train_micro_batch_size_per_gpu": 1,
+            "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu", "pin_memory": False}},
+            "steps_per_print": 10**9,
+        }
+        for key in ("bf16", "fp16"):
+            if engine.ds_config.get(key, {}).get("enabled"):
+                ds[key] = {"enabled": True}
+        self.ds, *_ = deepspeed.initialize(model=model, config=ds)
+        self.ds.eval()
+
+    def _update(self, fn) -> None:
+        """Apply ``fn(frozen_param, live_param)`` parameter by parameter (bounded memory)."""
+        live = self.live.ds.module
+        for lp, hp in _pairs(live, self.ds.module):
+            with deepspeed.zero.GatheredParameters([lp]), deepspeed.zero.GatheredParameters([hp], modifier_rank=0):
+                fn(hp.data, lp.data.to(hp.dtype))
+        for lb, hb in zip(live.buffers(), self.ds.module.buffers(), strict=True):
+            hb.data.copy_(lb.data)
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        self._update(lambda h, w: h.copy_(w))
+
+    @torch.no_grad()
+    def ema_update(self, decay: float) -> None:
+        self._update(lambda h, w: h.mul_(decay).add_(w, alpha=1 - decay))
+
+    @torch.no_grad()
+    def encode(self, batch) -> Features:
+        image, text, scale = _encode(self.ds, batch, self.live.cfg.train.max_logit_scale)
+        return Features(image=image, text=text, logit_scale=float(scale))
+
+    @torch.no_grad()
+    def state_dict(self) -> dict:
+        """Full weights on rank 0 (``{}`` elsewhere); collective."""
+        out = {}
+        for name, p in self.ds.module.named_parameters():
+            with deepspeed.zero.GatheredParameters([p]):
+                if D.rank() == 0:
+                    out[name] = p.data.detach().float().cpu().clone()
+        return out
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: dict) -> None:
+        """``sd`` as returned by rank 0's :meth:`state_dict`; collective."""
+        for name, p in self.ds.module.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if D.rank() == 0:
+                    p.data.copy_(sd[name].to(p.dtype))
+
+
+class Engine:
+    """A DeepSpeed-wrapped open_clip model: scoring forward, train step, checkpoints."""
+
+    def __init__(self, cfg: Config, info: D.DistInfo):
+        self.cfg, self.info = cfg, info
+        model, self.preprocess_train, self.preprocess_val, self.tokenizer = build_model(
+            cfg.model.name, cfg.model.pretrained
+        )
+        self.ds_config = build_ds_config(cfg, info.world_size)
+        schedule = lr_lambda(cfg.train.warmup_steps, cfg.train.steps, cfg.train.min_lr_ratio)
+        self.ds, *_ = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model, cfg.train.weight_decay),
+            config=self.ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        )
+        self.zero_stage = self.ds.zero_optimization_stage()
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds.module
+
+    @torch.no_grad()
+    def encode(self, batch) -> Features:
+        """Scoring forward of the current model: no gradient, inference mode (dropout
+        off, BatchNorm statistics frozen), same precision as training. Collective under
+        ZeRO-3: every rank must call it."""
+        self.ds.eval()
+        try:
+            image, text, scale = _encode(self.ds, batch, self.cfg.train.max_logit_scale)
+        finally:
+            self.ds.train()
+        return Features(image=image, text=text, logit_scale=float(scale))
+
+    @torch.no_grad()
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[n, D]`` normalised text features (a root-module forward, so ZeRO-3 gathers
+        the root's own parameters too)."""
+        self.ds.eval()
+        try:
+            return self.ds(None, tokens.to(device()))["text_features"].float()
+        finally:
+            self.ds.train()
+
+    def train_step(self, batch, fallback) -> dict[str, float]:
+        """Forward/backward on this rank's selected rows ``batch`` (may be empty) and an
+        optimizer step at the accumulation boundary. Returns global loss, lr, grad norm.
+
+        A rank with no selected rows still runs forward/backward on one row of
+        ``fallback`` with zero weight: ZeRO's gradient reduction and ZeRO-3's parameter
+        gathering are collectives that every rank must join.
+        """
+        n = len(batch)
+        sizes = D.all_gather_sizes(n, device())
+        image, text, scale = _encode(self.ds, batch if n else fallback.select(torch.arange(1)), self.cfg.train.max_logit_scale)
+        loss_bw, loss = contrastive_loss(image[:n], text[:n], scale, sizes, self.info.rank)
+        if n == 0:
+            loss_bw = loss_bw + 0.0 * (image.sum() + text.sum())
+        self.ds.backward(loss_bw)
+        # DeepSpeed 0.18.9 + torch 2.14 on CPU: ZeRO 1/2 step modifies a view in place
+        # unless autograd is off (see DESIGN.md).
+        with torch.no_grad():
+            self.ds.step()
+        return {"loss": float(loss), "lr": float(self.ds.get_lr()[0]), "logit_scale": float(scale)}
+
+    def grad_norm(self) -> float | None:
+        norm = self.ds.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def historical_model(self) -> HistoricalModel:
+        return HistoricalModel(self)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, root: Path, tag: str, rank_state: dict, keep: int) -> None:
+        """Write DeepSpeed's checkpoint plus one ``rank{R}.pt`` per rank under
+        ``root/tag``; ``root/latest`` moves to ``tag`` only after every rank finished,
+        then all but the newest ``keep`` tags are removed. A crash at any point leaves
+        ``latest`` on a complete checkpoint."""
+        self.ds.save_checkpoint(str(root), tag=tag, save_latest=False)
+        path = root / tag / f"rank{self.info.rank:05d}.pt"
+        torch.save(rank_state, path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+        D.barrier()
+        if self.info.is_main:
+            (root / tag / "complete.json").write_text(json.dumps({"world_size": self.info.world_size}))
+            tmp = root / "latest.tmp"
+            tmp.write_text(tag)
+            os.replace(tmp, root / "latest")
+            tags = sorted((p for p in root.iterdir() if (p / "complete.json").exists()), key=_tag_step)
+            for old in tags[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        D.barrier()
+
+    def load(self, path: Path) -> list[dict]:
+        """Load a checkpoint directory (``root/tag``); returns every rank's saved state,
+        in rank order, whatever the world size it was written with."""
+        root, tag = path.parent, path.name
+        self.ds.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        files = sorted(path.glob("rank*.pt"))
+        return [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+
+    def export_open_clip(self, path: Path) -> None:
+        """Write fp32 weights loadable by ``open_clip.create_model(name, pretrained=path)``."""
+        params = dict(self.ds.module.named_parameters())
+        state = {}
+        for name, value in self.ds.module.state_dict().items():
+            p = params.get(name)
+            with deepspeed.zero.GatheredParameters([p] if p is not None else []):
+                state[name] = (p.data if p is not None else value).detach().float().cpu().clone()
+        if self.info.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(state, path.with_suffix(".tmp"))
+            os.replace(path.with_suffix(".tmp"), path)
+        D.barrier()
+
+
+def _tag_step(p: Path) -> int:
+    digits = "".join(c for c in p.name if c.isdigit())
+    return int(digits) if digits else -1
+
+
+def resolve_resume(cfg: Config) -> Path | None:
+    """The checkpoint directory to resume from, or None to start fresh."""
+    if not cfg.resume:
+        return None
+    if cfg.resume == "latest":
+        latest = cfg.run_dir / "checkpoints" / "latest"
+        if not latest.exists():
+            return None
+        return latest.parent / latest.read_text().strip()
+    p = Path(cfg.resume)
+    return p.parent / p.read_text().strip() if p.name == "latest" else p

@@ -1,0 +1,52 @@
+"""CLIP contrastive loss over features gathered from all ranks.
+
+Each rank scores its local rows against the global columns (open_clip's
+``local_loss=True, gather_with_grad=True`` scheme) but, unlike open_clip, ranks may hold
+different numbers of rows, including zero, because selection keeps a different number
+of pairs on each rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dissect_ds import distributed as D
+
+
+def contrastive_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor,
+    sizes: list[int],
+    rank: int,
+    group=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric InfoNCE over the concatenation of every rank's rows.
+
+    image, text: ``[n_r, D]`` normalised features of this rank (n_r = sizes[rank], may be 0).
+    Returns ``(loss_to_backward, loss)``: ``loss`` is the global mean loss (identical on every
+    rank, detached); ``loss_to_backward`` is this rank's share scaled by the world size, so
+    that DeepSpeed's gradient *averaging* over ranks yields the gradient of the global mean.
+    """
+    world = len(sizes)
+    total = sum(sizes)
+    all_image = D.all_gather_cat_with_grad(image, sizes, group)
+    all_text = D.all_gather_cat_with_grad(text, sizes, group)
+    labels = torch.arange(image.shape[0], device=image.device) + sum(sizes[:rank])
+    per_image = F.cross_entropy(logit_scale * image @ all_text.T, labels, reduction="sum")
+    per_text = F.cross_entropy(logit_scale * text @ all_image.T, labels, reduction="sum")
+    local = (per_image + per_text) / (2 * total)
+    loss = D.all_reduce(local.detach().clone(), "sum", group)
+    return local * world, loss
+
+
+def per_sample_loss(
+    image: torch.Tensor, text: torch.Tensor, logit_scale: float, all_image: torch.Tensor, all_text: torch.Tensor, offset: int
+) -> torch.Tensor:
+    """``[n]`` per-pair loss (mean of the image->text and text->image row CE) of the local rows
+    ``offset .. offset+n`` against the global batch (no gradient)."""
+    labels = torch.arange(image.shape[0], device=image.device) + offset
+    i2t = F.cross_entropy(logit_scale * image @ all_text.T, labels, reduction="none")
+    t2i = F.cross_entropy(logit_scale * text @ all_image.T, labels, reduction="none")
+    return (i2t + t2i) / 2

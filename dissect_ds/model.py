@@ -1,0 +1,50 @@
+"""open_clip model factory: zoo names plus the small configs in ``model_configs/``.
+
+The model is a plain open_clip ``CLIP`` nn.Module; DeepSpeed wraps it from outside
+(engine.py). Weights are never downloaded: ``pretrained`` must be a local file.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+import open_clip
+import torch
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(CONFIG_DIR)
+
+
+def model_exists(name: str) -> bool:
+    return name in open_clip.list_models()
+
+
+def build_model(
+    name: str, pretrained: str | None = None
+) -> tuple[torch.nn.Module, Callable, Callable, Callable[[list[str]], torch.Tensor]]:
+    """Return (model, train transform, val transform, tokenizer), model in fp32 on CPU.
+
+    Precision and device are applied by the engine. ``pretrained`` is a local
+    state-dict file (e.g. one written by ``export_open_clip``).
+    """
+    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+        name, pretrained=pretrained, precision="fp32", device="cpu", output_dict=True
+    )
+    return model, preprocess_train, preprocess_val, open_clip.get_tokenizer(name)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="List the model names dissect_ds accepts (model.name).")
+    p.add_argument("--list", action="store_true", help="print every known model name")
+    args = p.parse_args()
+    names = open_clip.list_models()
+    ours = sorted(f.stem for f in CONFIG_DIR.glob("*.json"))
+    print("dissect_ds configs: " + ", ".join(ours))
+    if args.list:
+        print("open_clip zoo: " + ", ".join(n for n in names if n not in ours))
+
+
+if __name__ == "__main__":
+    main()

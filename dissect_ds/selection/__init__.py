@@ -1,0 +1,26 @@
+"""Sample selection: which pairs of each global batch are trained on (DISSect and baselines).
+
+The trainer builds one :class:`Selector` from the ``selection`` config section and calls
+``select`` before and ``after_step`` after every optimizer step; strategies live in the
+:data:`STRATEGIES` registry, so the train loop never branches on a strategy name.
+"""
+
+from dissect_ds.selection.config import SelectionConfig
+from dissect_ds.selection.historical import HistoricalModel, LiveSnapshot
+from dissect_ds.selection.memory import ScoreMemory
+from dissect_ds.selection.scoring import Features
+from dissect_ds.selection.selector import Selection, Selector
+from dissect_ds.selection.strategies import STRATEGIES, ScoredBatch, Strategy
+
+__all__ = [
+    "STRATEGIES",
+    "Features",
+    "HistoricalModel",
+    "LiveSnapshot",
+    "ScoreMemory",
+    "ScoredBatch",
+    "Selection",
+    "SelectionConfig",
+    "Selector",
+    "Strategy",
+]

@@ -1,0 +1,89 @@
+"""The ``selection`` section of a run config."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+SCOPES = ("global", "local")
+WARMUP_MODES = ("random", "full")
+HISTORY_DTYPES = ("float16", "float32")
+
+
+@dataclass
+class SelectionConfig:
+    """Which pairs of each global batch are trained on (YAML section ``selection``).
+
+    Steps are 0-based; step ``s`` is in warm-up iff ``s < warmup_length(steps_per_epoch)``.
+    During warm-up every strategy but ``none`` trains on a random ``rate`` subset
+    (``warmup_mode: random``) or on the full batch (``full``).
+    """
+
+    strategy: str = "none"
+    """none|random|big_loss|small_loss|clipscore|dissect_warmup|dissect_momentum|dissect_model"""
+    rate: float = 1.0
+    """In (0, 1]; k = max(1, floor(rate * B)) pairs of the global batch B are kept."""
+    scope: str = "global"
+    """global, or local: the authors' per-rank top max(1, floor(rate * b)) of each rank's b rows."""
+    warmup_steps: int = 0
+    """Warm-up length in steps ..."""
+    warmup_epochs: float = 0.0
+    """... or in epochs (ceil(warmup_epochs * steps_per_epoch)); the larger of the two wins."""
+    warmup_mode: str = "random"
+    """random|full: what is trained on during warm-up."""
+    beta: float = 0.9
+    """dissect_momentum: h <- beta * h + (1 - beta) * c after each visit."""
+    refresh_steps: int = 0
+    """dissect_model: re-snapshot every K steps after the first snapshot (0 = never)."""
+    ema_decay: float = 0.0
+    """dissect_model: > 0 makes the historical model an EMA of the weights, updated every
+    step after the snapshot (w_h <- decay * w_h + (1 - decay) * w)."""
+    cache_hist_scores: bool = False
+    """dissect_model: score each uid once per snapshot; kept in the sharded score memory."""
+    history_dtype: str = "float16"
+    """float16|float32: element type of the score memory (scores lie in [0, 100])."""
+    record: bool = False
+    """Each rank appends <run_dir>/selection/rank{R}.jsonl, one line per scored pair."""
+    shadow: bool = False
+    """Compute the differential against a live snapshot without using it for selection
+    (strategies without a historical score of their own: none, random, *_loss, clipscore)."""
+    shadow_step: int = -1
+    """The shadow snapshot is taken in ``after_step(shadow_step)``, i.e. holds the weights
+    after ``shadow_step + 1`` updates. -1: at the end of warm-up, or the initial weights
+    (taken before the first selection) when there is no warm-up."""
+
+    def warmup_length(self, steps_per_epoch: int) -> int:
+        """Warm-up length in steps: max(warmup_steps, ceil(warmup_epochs * steps_per_epoch))."""
+        # The epsilon keeps e.g. 0.3 * 10 (= 3.0000000000000004) from becoming 4 steps.
+        from_epochs = math.ceil(self.warmup_epochs * steps_per_epoch - 1e-9) if self.warmup_epochs > 0 else 0
+        return max(int(self.warmup_steps), from_epochs)
+
+    def validate(self) -> list[str]:
+        """One line per problem, each naming the key and what is allowed; [] when valid."""
+        from dissect_ds.selection.strategies import STRATEGIES
+
+        errors: list[str] = []
+        if self.strategy not in STRATEGIES:
+            return [f"selection.strategy: {self.strategy!r} is not one of {'|'.join(STRATEGIES)}"]
+        if not (0.0 < self.rate <= 1.0):
+            errors.append(f"selection.rate: {self.rate} must be in (0, 1]")
+        if self.scope not in SCOPES:
+            errors.append(f"selection.scope: {self.scope!r} is not one of {'|'.join(SCOPES)}")
+        if self.warmup_steps < 0:
+            errors.append(f"selection.warmup_steps: {self.warmup_steps} must be >= 0")
+        if self.warmup_epochs < 0:
+            errors.append(f"selection.warmup_epochs: {self.warmup_epochs} must be >= 0")
+        if self.warmup_mode not in WARMUP_MODES:
+            errors.append(f"selection.warmup_mode: {self.warmup_mode!r} is not one of {'|'.join(WARMUP_MODES)}")
+        if not (0.0 <= self.beta < 1.0):
+            errors.append(f"selection.beta: {self.beta} must be in [0, 1)")
+        if self.refresh_steps < 0:
+            errors.append(f"selection.refresh_steps: {self.refresh_steps} must be >= 0 (0 = never)")
+        if not (0.0 <= self.ema_decay < 1.0):
+            errors.append(f"selection.ema_decay: {self.ema_decay} must be in [0, 1) (0 = no EMA)")
+        if self.history_dtype not in HISTORY_DTYPES:
+            errors.append(f"selection.history_dtype: {self.history_dtype!r} is not one of {'|'.join(HISTORY_DTYPES)}")
+        if self.shadow_step < -1:
+            errors.append(f"selection.shadow_step: {self.shadow_step} must be >= 0, or -1 (end of warm-up)")
+        errors += STRATEGIES[self.strategy].validate(self)
+        return errors

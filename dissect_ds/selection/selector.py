@@ -1,0 +1,271 @@
+"""The selection step of DESIGN.md: score, look up history, pick the global top-k, log."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from dissect_ds import distributed as dist
+from dissect_ds.selection.config import SelectionConfig
+from dissect_ds.selection.diagnostics import NoiseAuroc, Recorder, score_vectors, step_metrics
+from dissect_ds.selection.historical import HistoricalModel, LiveSnapshot, sync
+from dissect_ds.selection.memory import ScoreMemory
+from dissect_ds.selection.scoring import Features, clip_score, per_sample_contrastive_loss, random_priority, topk_mask
+from dissect_ds.selection.strategies import STRATEGIES, ScoredBatch
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+@dataclass
+class Selection:
+    """The outcome of one selection step.
+
+    ``mask``: ``[b]`` bool on the selector's device, this rank's rows to train on (may be
+    all False). ``num_selected``: the global count k. ``metrics`` and ``histograms`` are
+    global, identical on every rank (histograms are ``[B]`` device tensors).
+    """
+
+    mask: torch.Tensor
+    num_selected: int
+    metrics: dict[str, float]
+    histograms: dict[str, torch.Tensor]
+
+
+def _k(rate: float, n: int) -> int:
+    """max(1, floor(rate * n)) for n > 0 (the epsilon absorbs e.g. 0.29 * 100 = 28.999...)."""
+    return max(1, math.floor(rate * n + 1e-9)) if n > 0 else 0
+
+
+class Selector:
+    """Chooses which pairs of each global batch are trained on; identical on every rank.
+
+    Per step (all collectives tiny, O(B)): gather the local batch sizes, uids and noise
+    labels; run the current model's scoring forward if the strategy (or the shadow
+    snapshot) needs it and gather the scores (and features, for the loss baselines);
+    get the historical scores; rank the global batch; check that all ranks agree.
+    Every rank computes the same mask over the global batch, equal to what one process
+    computes on the concatenated batch, and keeps its own rows.
+
+    Collective contract: all ranks call :meth:`select` and :meth:`after_step` once per
+    step, :meth:`state_dict` and :meth:`load_state_dict` together. ``make_historical``
+    (collective) builds the host-resident historical model, lazily, for ``dissect_model``
+    and ``shadow``.
+    """
+
+    def __init__(
+        self,
+        cfg: SelectionConfig,
+        *,
+        num_uids: int,
+        rank: int,
+        world_size: int,
+        device: torch.device | str,
+        seed: int,
+        steps_per_epoch: int,
+        run_dir: str | None,
+        make_historical: Callable[[], HistoricalModel] | None,
+    ) -> None:
+        errors = cfg.validate()
+        if errors:
+            raise ValueError("invalid selection config:\n" + "\n".join(errors))
+        if num_uids <= 0:
+            raise ValueError(f"Selector: num_uids must be > 0, got {num_uids}")
+        self.cfg, self.num_uids, self.rank, self.world_size = cfg, int(num_uids), int(rank), int(world_size)
+        self.device, self.seed = torch.device(device), int(seed)
+        self.warmup_length = cfg.warmup_length(steps_per_epoch)
+        cls = STRATEGIES[cfg.strategy]
+        memory = (
+            ScoreMemory(num_uids, rank, world_size, cfg.history_dtype, self.device) if cls.needs_memory(cfg) else None
+        )
+        snapshot = None
+        if cls.needs_snapshot(cfg):
+            snapshot = LiveSnapshot(
+                make_historical,
+                snapshot_after=self.warmup_length - 1,
+                refresh_steps=cfg.refresh_steps,
+                ema_decay=cfg.ema_decay,
+                cache=memory if cfg.cache_hist_scores else None,
+                device=self.device,
+                rank=rank,
+            )
+        self.memory = memory
+        self.strategy = cls(cfg, memory, snapshot)
+        self.shadow = None
+        if cfg.shadow:
+            at = cfg.shadow_step if cfg.shadow_step >= 0 else self.warmup_length - 1
+            self.shadow = LiveSnapshot(make_historical, snapshot_after=at, device=self.device, rank=rank)
+        self.recorder = Recorder(run_dir, rank) if cfg.record and run_dir is not None else None
+        if cfg.record and run_dir is None:
+            log.warning("selection.record is set but no run_dir was given: not recording")
+        self.noise_auroc = NoiseAuroc()
+
+    # ---------------------------------------------------------------- the step
+    def select(self, step: int, batch, encode: Callable[[object], Features]) -> Selection:
+        """Select this rank's rows of ``batch`` for ``step`` (collective).
+
+        ``batch`` has ``.uids`` (``[b]`` int64), ``.noisy`` (``[b]`` bool or None) and
+        ``len()``; ``encode(batch)`` is the current model's no-grad inference-mode forward
+        (collective; called on every rank or on none).
+        """
+        t_start = time.perf_counter()
+        cfg, strategy = self.cfg, self.strategy
+        in_warmup = step < self.warmup_length
+        sb = self._gather_batch(step, in_warmup, batch)
+        if strategy.needs_current(in_warmup) or strategy.needs_features(in_warmup) or self.shadow is not None:
+            self._score_current(sb, batch, encode, with_loss=strategy.needs_features(in_warmup))
+        sb.set_historical(strategy.historical(sb))
+        if sb.historical is None and self.shadow is not None and self.shadow.available(step):
+            sb.set_historical(self.shadow.scores(batch, sb.uids, sb.sizes, step, sb.timings))
+
+        if in_warmup and strategy.obeys_warmup:
+            priority = random_priority(self.seed, step, sb.uids) if cfg.warmup_mode == "random" else None
+        else:
+            priority = strategy.priority(sb)
+        mask = self._topk(priority, sb)
+        # Cheap insurance: a rank that diverged would train on other pairs than its peers
+        # think, and the gathered loss would silently mix two selections.
+        dist.assert_same_on_all_ranks(mask, f"selection mask at step {step}")
+        strategy.update(sb, mask)
+
+        rows = dist.local_slice(sb.sizes, self.rank)
+        scores = score_vectors(sb)
+        metrics = step_metrics(sb, mask, scores)
+        if self.rank == 0:
+            self.noise_auroc.add(sb)
+        if self.recorder is not None:
+            self.recorder.write(sb, rows, mask)
+        # Always present (0 without a forward) so every metrics line has the same timing keys.
+        timings = {"time/score": 0.0, "time/score_hist": 0.0, **sb.timings}
+        metrics.update(timings)
+        metrics["time/select"] = time.perf_counter() - t_start - timings["time/score"] - timings["time/score_hist"]
+        histograms = {f"selection/{k}": v for k, v in scores.items()}
+        return Selection(mask[rows], int(metrics["selected"]), metrics, histograms)
+
+    def _gather_batch(self, step: int, in_warmup: bool, batch) -> ScoredBatch:
+        b = len(batch)
+        uids = torch.as_tensor(batch.uids).to(self.device, torch.long).reshape(b)
+        noisy = getattr(batch, "noisy", None)
+        code = torch.full_like(uids, -1) if noisy is None else torch.as_tensor(noisy).to(self.device, torch.long)
+        sizes = dist.all_gather_sizes(b, self.device)
+        both = dist.all_gather_cat(torch.stack([uids, code.reshape(b)], dim=1), sizes)
+        g_uids = both[:, 0].contiguous()
+        if g_uids.numel():
+            lo, hi = torch.aminmax(g_uids)
+            # Global check, so every rank raises together instead of one hanging the rest.
+            if int(lo) < 0 or int(hi) >= self.num_uids:
+                raise ValueError(f"selection: uid out of range [0, {self.num_uids}): min {int(lo)}, max {int(hi)}")
+        return ScoredBatch(
+            step=step,
+            in_warmup=in_warmup,
+            seed=self.seed,
+            batch=batch,
+            sizes=sizes,
+            uids=g_uids,
+            noisy=both[:, 1].to(torch.int8),
+        )
+
+    def _score_current(self, sb: ScoredBatch, batch, encode: Callable[[object], Features], with_loss: bool) -> None:
+        t0 = time.perf_counter()
+        feats = encode(batch)
+        sync(self.device)
+        sb.timings["time/score"] = time.perf_counter() - t0
+        sb.features = feats
+        c_local = clip_score(feats)
+        if not with_loss:
+            sb.current = dist.all_gather_cat(c_local, sb.sizes)
+            return
+        # One gather for image, text and score: [b, 2D + 1].
+        d = feats.image.shape[1]
+        packed = torch.cat([feats.image.float(), feats.text.float(), c_local[:, None]], dim=1)
+        g = dist.all_gather_cat(packed, sb.sizes)
+        image_all, text_all, sb.current = g[:, :d], g[:, d : 2 * d], g[:, 2 * d].contiguous()
+        offset = dist.local_slice(sb.sizes, self.rank).start
+        loss_local = per_sample_contrastive_loss(
+            feats.image, feats.text, image_all, text_all, offset, float(feats.logit_scale)
+        )
+        sb.loss = dist.all_gather_cat(loss_local, sb.sizes)
+
+    def _topk(self, priority: torch.Tensor | None, sb: ScoredBatch) -> torch.Tensor:
+        n = sb.uids.shape[0]
+        if priority is None:
+            return torch.ones(n, dtype=torch.bool, device=self.device)
+        if self.cfg.scope == "local":
+            group = torch.repeat_interleave(
+                torch.arange(len(sb.sizes), device=self.device), torch.tensor(sb.sizes, device=self.device)
+            )
+            k = torch.tensor([_k(self.cfg.rate, s) for s in sb.sizes], dtype=torch.long)
+            return topk_mask(priority, sb.uids, k, group)
+        k = torch.tensor([_k(self.cfg.rate, n)], dtype=torch.long)
+        return topk_mask(priority, sb.uids, k)
+
+    # ---------------------------------------------------------------- schedule
+    def after_step(self, step: int) -> None:
+        """Snapshot at warm-up end, refresh or EMA update (collective; call every step)."""
+        self.strategy.after_step(step)
+        if self.shadow is not None:
+            self.shadow.after_step(step)
+
+    def epoch_end(self, epoch: int) -> dict[str, float]:
+        """Clean-vs-noisy AUROC of the current score and of the differential over the epoch.
+
+        ``selection/auroc_current``, ``selection/auroc_differential`` (higher score =
+        clean) where noise labels and the score were seen; meaningful on rank 0 (others
+        return {}). Not collective.
+        """
+        if self.recorder is not None:
+            self.recorder.flush()
+        return self.noise_auroc.compute_and_reset()
+
+    # ---------------------------------------------------------------- state
+    def history_bytes(self) -> int:
+        """Bytes of this rank's score memory (0 for strategies without one)."""
+        return self.memory.nbytes if self.memory is not None else 0
+
+    def state_dict(self) -> dict:
+        """This rank's state: its memory shard, the snapshot weights (rank 0), no RNG state.
+
+        Collective when a historical model exists (its weights may be gathered).
+        """
+        return {
+            "version": STATE_VERSION,
+            "strategy": self.cfg.strategy,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "num_uids": self.num_uids,
+            "history_dtype": self.cfg.history_dtype,
+            "memory": self.memory.state_dict() if self.memory is not None else None,
+            "strategy_state": self.strategy.state_dict(),
+            "shadow": self.shadow.state_dict() if self.shadow is not None else None,
+        }
+
+    def load_state_dict(self, shards: list[dict]) -> None:
+        """Restore from *all* ranks' saved dicts, saved at any world size (collective).
+
+        Each rank keeps the history of the uids it owns now. A checkpoint without the
+        state this strategy needs (e.g. saved under another strategy) leaves it empty.
+        """
+        if not shards:
+            raise ValueError("Selector.load_state_dict: expected every saved rank's dict, got none")
+        if any(s.get("version") != STATE_VERSION for s in shards):
+            raise ValueError(f"Selector.load_state_dict: unsupported state version (expected {STATE_VERSION})")
+        if self.memory is not None:
+            saved = [s["memory"] for s in shards if s.get("memory") is not None]
+            # Another strategy's memory means something else (e.g. cached snapshot scores).
+            if saved and shards[0].get("strategy") == self.cfg.strategy:
+                self.memory.load_shards(saved)
+            else:
+                log.warning(
+                    "selection checkpoint has no %s score memory (saved: %s): history starts empty",
+                    self.cfg.strategy,
+                    shards[0].get("strategy"),
+                )
+        self.strategy.load_state_dict([s.get("strategy_state") or {} for s in shards])
+        if self.shadow is not None:
+            self.shadow.load_state_dict([s.get("shadow") or {} for s in shards])

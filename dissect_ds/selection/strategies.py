@@ -1,0 +1,284 @@
+"""Selection strategies: one small interface, one class per strategy, one registry.
+
+A strategy turns the scored global batch into a priority per pair (higher = kept); the
+:class:`~dissect_ds.selection.selector.Selector` does the rest (gathering, warm-up, top-k,
+checks, diagnostics), so strategies hold only what differs between them. Every method
+sees the *global* batch (the same on every rank) and must decide the same on every rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from dissect_ds.selection.historical import LiveSnapshot
+from dissect_ds.selection.memory import ScoreMemory
+from dissect_ds.selection.scoring import Features, differential, random_priority
+
+if TYPE_CHECKING:
+    from dissect_ds.selection.config import SelectionConfig
+
+
+@dataclass
+class ScoredBatch:
+    """What is known about one global batch of B pairs at selection time.
+
+    Tensors are global (rank order, identical on every rank) unless marked local.
+    """
+
+    step: int
+    in_warmup: bool
+    seed: int
+    batch: object  # this rank's batch, for historical-model forwards
+    sizes: list[int]  # rows per rank
+    uids: torch.Tensor  # [B] int64
+    noisy: torch.Tensor  # [B] int8: 1 noisy, 0 clean, -1 unknown
+    current: torch.Tensor | None = None  # [B] float32 current score c
+    features: Features | None = None  # local [b, D] features of the current model
+    loss: torch.Tensor | None = None  # [B] per-sample contrastive loss over the global batch
+    historical: torch.Tensor | None = None  # [B] float32 historical score h
+    differential: torch.Tensor | None = None  # [B] (h - mean h) - (c - mean c), when both exist
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def set_historical(self, h: torch.Tensor | None) -> None:
+        """Set h, and d where the current score is known."""
+        self.historical = h
+        self.differential = differential(h, self.current) if h is not None and self.current is not None else None
+
+
+class Strategy:
+    """Base strategy: train on the full batch, score nothing.
+
+    Subclasses override the class flags and :meth:`priority` (and, for history-based
+    ones, :meth:`historical` / :meth:`update`). ``needs_*`` answers depend only on the
+    config and ``in_warmup``, so all ranks agree on which collective forwards run.
+    """
+
+    name: ClassVar[str] = "none"
+    obeys_warmup: ClassVar[bool] = True
+    """During warm-up the Selector trains on a random/full subset instead of asking."""
+
+    def __init__(self, cfg: SelectionConfig, memory: ScoreMemory | None, snapshot: LiveSnapshot | None) -> None:
+        self.cfg, self.memory, self.snapshot = cfg, memory, snapshot
+
+    @classmethod
+    def validate(cls, cfg: SelectionConfig) -> list[str]:
+        """Errors for config keys this strategy cannot honour."""
+        errors = []
+        if cls.name != DissectModel.name:
+            for key, default in (("refresh_steps", 0), ("ema_decay", 0.0), ("cache_hist_scores", False)):
+                if getattr(cfg, key) != default:
+                    errors.append(f"selection.{key}: only used by strategy dissect_model (got {cls.name})")
+        if cfg.shadow and cls.has_historical():
+            errors.append(
+                f"selection.shadow: {cls.name} already computes the differential; shadow is for strategies "
+                f"without one ({'|'.join(n for n, c in STRATEGIES.items() if not c.has_historical())})"
+            )
+        return errors
+
+    @classmethod
+    def needs_memory(cls, cfg: SelectionConfig) -> bool:
+        """Whether a per-uid :class:`ScoreMemory` is allocated."""
+        return False
+
+    @classmethod
+    def needs_snapshot(cls, cfg: SelectionConfig) -> bool:
+        """Whether a live historical model (:class:`LiveSnapshot`) is used."""
+        return False
+
+    @classmethod
+    def has_historical(cls) -> bool:
+        """Whether the strategy has a historical score of its own (shadow is then moot)."""
+        return False
+
+    def needs_current(self, in_warmup: bool) -> bool:
+        """Whether the current model's scoring forward runs this step."""
+        return False
+
+    def needs_features(self, in_warmup: bool) -> bool:
+        """Whether the current features are gathered for per-sample losses."""
+        return False
+
+    def historical(self, sb: ScoredBatch) -> torch.Tensor | None:
+        """[B] historical scores h, or None; may run collective forwards."""
+        return None
+
+    def priority(self, sb: ScoredBatch) -> torch.Tensor | None:
+        """[B] priority (higher = kept), or None to keep the whole batch. Not in warm-up."""
+        return None
+
+    def update(self, sb: ScoredBatch, mask: torch.Tensor) -> None:
+        """Bookkeeping after the global ``mask`` ([B] bool) is chosen."""
+
+    def after_step(self, step: int) -> None:
+        """After the optimizer update of ``step`` (collective where a model is involved)."""
+        if self.snapshot is not None:
+            self.snapshot.after_step(step)
+
+    def state_dict(self) -> dict:
+        return {"snapshot": self.snapshot.state_dict()} if self.snapshot is not None else {}
+
+    def load_state_dict(self, shards: list[dict]) -> None:
+        if self.snapshot is not None:
+            self.snapshot.load_state_dict([s.get("snapshot", {}) for s in shards])
+
+
+class FullBatch(Strategy):
+    """``none``: every pair, every step; no scoring pass at all."""
+
+    name = "none"
+    obeys_warmup = False
+
+
+class Random(Strategy):
+    """``random``: a uniform ``rate`` subset, a pure function of (seed, step, uids)."""
+
+    name = "random"
+
+    def priority(self, sb: ScoredBatch) -> torch.Tensor:
+        return random_priority(sb.seed, sb.step, sb.uids)
+
+
+class ClipScore(Strategy):
+    """``clipscore``: keep the highest current scores (the current model as its own oracle)."""
+
+    name = "clipscore"
+
+    def needs_current(self, in_warmup: bool) -> bool:
+        return not in_warmup
+
+    def priority(self, sb: ScoredBatch) -> torch.Tensor:
+        return sb.current
+
+
+class BigLoss(Strategy):
+    """``big_loss``: keep the largest per-sample contrastive losses over the global batch."""
+
+    name = "big_loss"
+    sign: ClassVar[float] = 1.0
+
+    def needs_current(self, in_warmup: bool) -> bool:
+        return not in_warmup
+
+    def needs_features(self, in_warmup: bool) -> bool:
+        return not in_warmup
+
+    def priority(self, sb: ScoredBatch) -> torch.Tensor:
+        return self.sign * sb.loss
+
+
+class SmallLoss(BigLoss):
+    """``small_loss``: keep the smallest per-sample contrastive losses."""
+
+    name = "small_loss"
+    sign = -1.0
+
+
+class Differential(Strategy):
+    """Common part of the DISSect variants: keep the top differential d."""
+
+    @classmethod
+    def has_historical(cls) -> bool:
+        return True
+
+    def priority(self, sb: ScoredBatch) -> torch.Tensor:
+        return sb.differential
+
+
+class _MemoryHistory(Differential):
+    """History in the sharded score memory; a uid with no history yet has h = c."""
+
+    @classmethod
+    def needs_memory(cls, cfg: SelectionConfig) -> bool:
+        return True
+
+    def needs_current(self, in_warmup: bool) -> bool:
+        return True
+
+    def historical(self, sb: ScoredBatch) -> torch.Tensor:
+        h = self.memory.lookup(sb.uids)
+        # Unseen pairs get h = c: zero change, so d_i = mean(c) - mean(h), a neutral value.
+        return torch.where(torch.isnan(h), sb.current, h)
+
+
+class DissectWarmup(_MemoryHistory):
+    """``dissect_warmup``: h = the current score at a pair's last warm-up visit, then frozen.
+
+    Every scored pair of a warm-up step is recorded (trained on or not); pairs never
+    seen during warm-up use h = c.
+    """
+
+    name = "dissect_warmup"
+
+    @classmethod
+    def validate(cls, cfg: SelectionConfig) -> list[str]:
+        errors = super().validate(cfg)
+        if cfg.warmup_steps <= 0 and cfg.warmup_epochs <= 0:
+            errors.append("selection.warmup_steps / warmup_epochs: dissect_warmup needs a warm-up (one must be > 0)")
+        return errors
+
+    def update(self, sb: ScoredBatch, mask: torch.Tensor) -> None:
+        if sb.in_warmup:
+            self.memory.update(sb.uids, sb.current)
+
+
+class DissectMomentum(_MemoryHistory):
+    """``dissect_momentum``: h <- beta * h + (1 - beta) * c after every visit.
+
+    d is computed before the update; the first visit initialises h = c (the authors
+    started from 0, which made epoch 0 select the *lowest* scores). During warm-up the
+    history is updated while a random/full subset is trained on.
+    """
+
+    name = "dissect_momentum"
+
+    def update(self, sb: ScoredBatch, mask: torch.Tensor) -> None:
+        beta = self.cfg.beta
+        self.memory.update(sb.uids, beta * sb.historical + (1.0 - beta) * sb.current)
+
+
+class DissectModel(Differential):
+    """``dissect_model``: h from a live frozen copy of the network (host memory).
+
+    Snapshot at the end of warm-up (or of the initial weights without warm-up),
+    optionally refreshed every ``refresh_steps`` or EMA-updated every step. No scoring
+    forward runs during warm-up.
+    """
+
+    name = "dissect_model"
+
+    @classmethod
+    def validate(cls, cfg: SelectionConfig) -> list[str]:
+        errors = super().validate(cfg)
+        if cfg.refresh_steps > 0 and cfg.ema_decay > 0:
+            errors.append("selection.refresh_steps / ema_decay: choose one (refresh a snapshot, or an EMA)")
+        if cfg.cache_hist_scores and cfg.ema_decay > 0:
+            errors.append(
+                "selection.cache_hist_scores: needs a fixed snapshot, but ema_decay > 0 changes it every step"
+            )
+        return errors
+
+    @classmethod
+    def needs_memory(cls, cfg: SelectionConfig) -> bool:
+        return cfg.cache_hist_scores
+
+    @classmethod
+    def needs_snapshot(cls, cfg: SelectionConfig) -> bool:
+        return True
+
+    def needs_current(self, in_warmup: bool) -> bool:
+        return not in_warmup
+
+    def historical(self, sb: ScoredBatch) -> torch.Tensor | None:
+        if sb.in_warmup:
+            return None
+        return self.snapshot.scores(sb.batch, sb.uids, sb.sizes, sb.step, sb.timings)
+
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls
+    for cls in (FullBatch, Random, BigLoss, SmallLoss, ClipScore, DissectWarmup, DissectMomentum, DissectModel)
+}
+"""``selection.strategy`` name -> class."""
