@@ -36,9 +36,7 @@ def _free_port() -> int:
 
 def _first_slurm_host(nodelist: str) -> str:
     try:
-        out = subprocess.run(
-            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
-        )
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
         return out.stdout.split()[0]
     except (OSError, subprocess.CalledProcessError, IndexError):
         return nodelist.split(",")[0].split("[")[0]
@@ -221,7 +219,9 @@ def assert_same_on_all_ranks(t: torch.Tensor, what: str, group=None) -> None:
     if world_size(group) == 1:
         return
     idx = torch.arange(1, t.numel() + 1, device=t.device, dtype=torch.float64)
-    s = torch.stack([(t.flatten().double() * idx).sum(), t.numel() * torch.ones((), device=t.device, dtype=torch.float64)])
+    s = torch.stack(
+        [(t.flatten().double() * idx).sum(), t.numel() * torch.ones((), device=t.device, dtype=torch.float64)]
+    )
     hi, lo = all_reduce(s.clone(), "max", group), all_reduce(s.clone(), "min", group)
     if not torch.equal(hi, lo):
         raise RuntimeError(f"ranks diverged on {what}: checksums differ ({lo.tolist()} vs {hi.tolist()})")

@@ -72,6 +72,10 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
         value = getattr(cfg.deepspeed, key)
         if value is not None:
             ds.setdefault(key, {})["enabled"] = value
+    if zero["stage"] == 0 and not any(ds.get(k, {}).get("enabled") for k in ("bf16", "fp16")):
+        # DeepSpeed 0.18.9's fp32 ZeRO-0 clipping multiplies every grad by a [1]-shaped
+        # coefficient in place, which fails on open_clip's 0-dim logit_scale: clip in Engine.
+        ds["gradient_clipping"] = 0.0
     offload = "offload_optimizer" in zero and zero["offload_optimizer"].get("device", "none") != "none"
     params = {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.eps, "weight_decay": t.weight_decay}
     # torch's AdamW needs no JIT-compiled op (FusedAdam); the offloaded optimizer runs DeepSpeedCPUAdam.
@@ -203,6 +207,7 @@ class Engine:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         )
         self.zero_stage = self.ds.zero_optimization_stage()
+        self.manual_clip = cfg.train.grad_clip > 0 and self.ds_config["gradient_clipping"] == 0
 
     @property
     def module(self) -> torch.nn.Module:
@@ -240,16 +245,20 @@ class Engine:
         """
         n = len(batch)
         sizes = D.all_gather_sizes(n, device())
-        image, text, scale = _encode(self.ds, batch if n else fallback.select(torch.arange(1)), self.cfg.train.max_logit_scale)
+        image, text, scale = _encode(
+            self.ds, batch if n else fallback.select(torch.arange(1)), self.cfg.train.max_logit_scale
+        )
         loss_bw, loss = contrastive_loss(image[:n], text[:n], scale, sizes, self.info.rank)
         if n == 0:
             loss_bw = loss_bw + 0.0 * (image.sum() + text.sum())
         self.ds.backward(loss_bw)
+        if self.manual_clip and self.ds.is_gradient_accumulation_boundary():
+            torch.nn.utils.clip_grad_norm_(self.ds.module.parameters(), self.cfg.train.grad_clip)
         # DeepSpeed 0.18.9 + torch 2.14 on CPU: ZeRO 1/2 step modifies a view in place
         # unless autograd is off (see DESIGN.md).
         with torch.no_grad():
             self.ds.step()
-        return {"loss": float(loss), "lr": float(self.ds.get_lr()[0]), "logit_scale": float(scale)}
+        return {"loss": float(loss), "lr": float(self.ds.get_lr()[0]), "logit_scale": float(scale.detach())}
 
     def grad_norm(self) -> float | None:
         norm = self.ds.get_global_grad_norm()

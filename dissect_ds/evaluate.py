@@ -50,8 +50,12 @@ def evaluate(engine, data: DataConfig, batch_size: int, rank: int, world_size: i
     """Collective: every rank must call it. Returns the same metrics on every rank."""
     images, texts, uids, labels = [], [], [], []
     it = iter_val(
-        data, rank=rank, world_size=world_size, batch_size=batch_size,
-        preprocess=engine.preprocess_val, tokenizer=engine.tokenizer,
+        data,
+        rank=rank,
+        world_size=world_size,
+        batch_size=batch_size,
+        preprocess=engine.preprocess_val,
+        tokenizer=engine.tokenizer,
     )
     spare = None
     while True:

@@ -42,7 +42,12 @@ def contrastive_loss(
 
 
 def per_sample_loss(
-    image: torch.Tensor, text: torch.Tensor, logit_scale: float, all_image: torch.Tensor, all_text: torch.Tensor, offset: int
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: float,
+    all_image: torch.Tensor,
+    all_text: torch.Tensor,
+    offset: int,
 ) -> torch.Tensor:
     """``[n]`` per-pair loss (mean of the image->text and text->image row CE) of the local rows
     ``offset .. offset+n`` against the global batch (no gradient)."""

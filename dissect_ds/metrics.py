@@ -14,7 +14,7 @@ class MetricsWriter:
     """Appends to ``<run_dir>/metrics.jsonl`` and ``<run_dir>/tensorboard/``.
 
     A no-op on ranks other than 0. Keys are the contract names of DESIGN.md; TensorBoard
-    groups them by the part before '/'. On resume, lines at or after the resumed step are
+    groups them by the part before '/'. On resume, lines after the checkpointed step are
     dropped first so the file never holds a step twice.
     """
 
@@ -26,7 +26,9 @@ class MetricsWriter:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", -1) < resume_step]
+            kept = [
+                ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", -1) <= resume_step
+            ]
             self.path.write_text("".join(ln + "\n" for ln in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
@@ -34,7 +36,9 @@ class MetricsWriter:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
+            self.tb = SummaryWriter(
+                str(run_dir / "tensorboard"), purge_step=None if resume_step is None else resume_step + 1
+            )
 
     def log(self, step: int, values: dict[str, float | int | None]) -> None:
         if not self.enabled:

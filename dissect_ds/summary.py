@@ -30,7 +30,11 @@ def summarize(run_dir: Path) -> list[tuple[str, str]]:
         ("samples/s (median)", f"{sorted(m['samples/s'] for m in steps)[len(steps) // 2]:.1f}" if steps else "-"),
         ("final loss", f"{steps[-1]['loss']:.4f}" if steps else "-"),
     ]
-    for key, label in (("eval/i2t_R@1", "val i2t R@1"), ("eval/t2i_R@1", "val t2i R@1"), ("eval/zeroshot_top1", "zero-shot top-1")):
+    for key, label in (
+        ("eval/i2t_R@1", "val i2t R@1"),
+        ("eval/t2i_R@1", "val t2i R@1"),
+        ("eval/zeroshot_top1", "zero-shot top-1"),
+    ):
         if key in final:
             rows.append((label, f"{final[key]:.3f}"))
     precision = [m["selection/clean_precision"] for m in tail if "selection/clean_precision" in m]

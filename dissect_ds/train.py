@@ -75,9 +75,15 @@ class Trainer:
         self.micro_batch = t.batch_size // (info.world_size * t.grad_accum)
         self.steps_per_epoch = max(1, num_samples // t.batch_size)
         self.selector = Selector(
-            cfg.selection, num_uids=num_uids, rank=info.rank, world_size=info.world_size,
-            device=self.engine_device(), seed=cfg.run.seed, steps_per_epoch=self.steps_per_epoch * t.grad_accum,
-            run_dir=str(self.run_dir), make_historical=self.engine.historical_model,
+            cfg.selection,
+            num_uids=num_uids,
+            rank=info.rank,
+            world_size=info.world_size,
+            device=self.engine_device(),
+            seed=cfg.run.seed,
+            steps_per_epoch=self.steps_per_epoch * t.grad_accum,
+            run_dir=str(self.run_dir),
+            make_historical=self.engine.historical_model,
         )
         self.state = TrainState()
         data_state = None
@@ -91,8 +97,14 @@ class Trainer:
             if len(states) == info.world_size:
                 torch.set_rng_state(mine["rng"])
         self.stream = build_train_stream(
-            cfg.data, seed=cfg.run.seed, rank=info.rank, world_size=info.world_size, batch_size=self.micro_batch,
-            preprocess=self.engine.preprocess_train, tokenizer=self.engine.tokenizer, state=data_state,
+            cfg.data,
+            seed=cfg.run.seed,
+            rank=info.rank,
+            world_size=info.world_size,
+            batch_size=self.micro_batch,
+            preprocess=self.engine.preprocess_train,
+            tokenizer=self.engine.tokenizer,
+            state=data_state,
         )
         if info.is_main:
             C.dump(cfg, self.run_dir / "config.yaml")
@@ -116,8 +128,14 @@ class Trainer:
         cfg, state = self.cfg, self.state
         batches = iter(self.stream)
         bar = tqdm(
-            total=cfg.train.steps, initial=state.step, disable=not (self.info.is_main and cfg.log.progress),
-            desc="train", unit="step", dynamic_ncols=True, file=sys.stdout, mininterval=2.0,
+            total=cfg.train.steps,
+            initial=state.step,
+            disable=not (self.info.is_main and cfg.log.progress),
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stdout,
+            mininterval=2.0,
         )
         while state.step < cfg.train.steps:
             t0 = time.perf_counter()
@@ -213,7 +231,9 @@ class Trainer:
             "rng": torch.get_rng_state(),
             "world_size": self.info.world_size,
         }
-        self.engine.save(self.run_dir / "checkpoints", f"step{self.state.step:08d}", rank_state, self.cfg.checkpoint.keep)
+        self.engine.save(
+            self.run_dir / "checkpoints", f"step{self.state.step:08d}", rank_state, self.cfg.checkpoint.keep
+        )
 
     def on_preempted(self) -> None:
         self.writer.close()

@@ -35,10 +35,12 @@ class HistoricalModel(Protocol):
         ...
 
     def state_dict(self) -> dict:
-        """The *full* weights, the same on every rank (gathered if partitioned)."""
+        """The *full* weights on rank 0 (gathered if partitioned); other ranks may return {}."""
         ...
 
-    def load_state_dict(self, sd: dict) -> None: ...
+    def load_state_dict(self, sd: dict) -> None:
+        """Called on every rank with rank 0's :meth:`state_dict`."""
+        ...
 
 
 def sync(device: torch.device) -> None:
@@ -51,7 +53,9 @@ class LiveSnapshot:
     """Owns a :class:`HistoricalModel` and when it is taken, refreshed or EMA-updated.
 
     The snapshot is taken in ``after_step(snapshot_after)``, so it holds the weights after
-    ``snapshot_after + 1`` updates and serves steps ``> snapshot_after``. With
+    ``snapshot_after + 1`` updates and serves steps ``> snapshot_after``. (The first step
+    after a snapshot or refresh scores it against the same weights: d is flat up to
+    numerical noise, and exact ties fall back to the uid order.) With
     ``snapshot_after == -1`` it is taken from the initial weights, right before the first
     scoring. Afterwards it is refreshed in ``after_step(s)`` whenever
     ``(s - snapshot_after) % refresh_steps == 0``, or EMA-updated in every ``after_step``

@@ -38,6 +38,22 @@ class Selection:
     histograms: dict[str, torch.Tensor]
 
 
+def _check_same_on_all_ranks(mask: torch.Tensor, what: str) -> None:
+    """Raise on every rank if ``mask`` differs between ranks; one all-reduce(max).
+
+    Same checksum as :func:`dissect_ds.distributed.assert_same_on_all_ranks`, but max and
+    -min travel in one collective instead of two: this runs every step.
+    """
+    if dist.world_size() == 1:
+        return
+    idx = torch.arange(1, mask.numel() + 1, device=mask.device, dtype=torch.float64)
+    s = (mask.double() * idx).sum()
+    n = torch.tensor(float(mask.numel()), dtype=torch.float64, device=mask.device)
+    t = dist.all_reduce(torch.stack([s, -s, n, -n]), "max")
+    if not (t[0] == -t[1] and t[2] == -t[3]):
+        raise RuntimeError(f"ranks diverged on {what}: checksums differ ({(-t[1]).item()} vs {t[0].item()})")
+
+
 def _k(rate: float, n: int) -> int:
     """max(1, floor(rate * n)) for n > 0 (the epsilon absorbs e.g. 0.29 * 100 = 28.999...)."""
     return max(1, math.floor(rate * n + 1e-9)) if n > 0 else 0
@@ -46,12 +62,19 @@ def _k(rate: float, n: int) -> int:
 class Selector:
     """Chooses which pairs of each global batch are trained on; identical on every rank.
 
-    Per step (all collectives tiny, O(B)): gather the local batch sizes, uids and noise
-    labels; run the current model's scoring forward if the strategy (or the shadow
-    snapshot) needs it and gather the scores (and features, for the loss baselines);
-    get the historical scores; rank the global batch; check that all ranks agree.
+    Per step: run the current model's scoring forward if the strategy (or the shadow
+    snapshot) needs it; gather the batch sizes, then uids, noise labels and current
+    scores in one all-gather; get the historical scores (one all-reduce for the score
+    memory, or the historical model's forward plus a gather); rank the global batch;
+    check with one all-reduce that all ranks agree. The loss baselines gather the
+    features and the per-sample losses too. All collectives are O(B) (features: O(B D)).
     Every rank computes the same mask over the global batch, equal to what one process
     computes on the concatenated batch, and keeps its own rows.
+
+    ``time/select`` is the step's wall time minus the scoring forwards (``time/score``,
+    ``time/score_hist``) and minus ``time/select_wait``, the time spent in the step's
+    first collective waiting for slower ranks (load skew the train step would otherwise
+    absorb). Timing metrics are this rank's own, not global.
 
     Collective contract: all ranks call :meth:`select` and :meth:`after_step` once per
     step, :meth:`state_dict` and :meth:`load_state_dict` together. ``make_historical``
@@ -117,9 +140,18 @@ class Selector:
         t_start = time.perf_counter()
         cfg, strategy = self.cfg, self.strategy
         in_warmup = step < self.warmup_length
-        sb = self._gather_batch(step, in_warmup, batch)
-        if strategy.needs_current(in_warmup) or strategy.needs_features(in_warmup) or self.shadow is not None:
-            self._score_current(sb, batch, encode, with_loss=strategy.needs_features(in_warmup))
+        with_loss = strategy.needs_features(in_warmup)
+        feats = None
+        if strategy.needs_current(in_warmup) or with_loss or self.shadow is not None:
+            t0 = time.perf_counter()
+            feats = encode(batch)
+            sync(self.device)
+            score_seconds = time.perf_counter() - t0
+        sb = self._gather_batch(step, in_warmup, batch, feats)
+        if feats is not None:
+            sb.timings["time/score"] = score_seconds
+        if with_loss:
+            self._per_sample_loss(sb, feats)
         sb.set_historical(strategy.historical(sb))
         if sb.historical is None and self.shadow is not None and self.shadow.available(step):
             sb.set_historical(self.shadow.scores(batch, sb.uids, sb.sizes, step, sb.timings))
@@ -131,7 +163,7 @@ class Selector:
         mask = self._topk(priority, sb)
         # Cheap insurance: a rank that diverged would train on other pairs than its peers
         # think, and the gathered loss would silently mix two selections.
-        dist.assert_same_on_all_ranks(mask, f"selection mask at step {step}")
+        _check_same_on_all_ranks(mask, f"selection mask at step {step}")
         strategy.update(sb, mask)
 
         rows = dist.local_slice(sb.sizes, self.rank)
@@ -144,18 +176,29 @@ class Selector:
         # Always present (0 without a forward) so every metrics line has the same timing keys.
         timings = {"time/score": 0.0, "time/score_hist": 0.0, **sb.timings}
         metrics.update(timings)
-        metrics["time/select"] = time.perf_counter() - t_start - timings["time/score"] - timings["time/score_hist"]
+        metrics["time/select"] = time.perf_counter() - t_start - sum(timings.values())
         histograms = {f"selection/{k}": v for k, v in scores.items()}
         return Selection(mask[rows], int(metrics["selected"]), metrics, histograms)
 
-    def _gather_batch(self, step: int, in_warmup: bool, batch) -> ScoredBatch:
+    def _gather_batch(self, step: int, in_warmup: bool, batch, feats: Features | None) -> ScoredBatch:
+        """Gather uids, noise labels and (when scored) current scores in one all-gather.
+
+        Packed as float64 columns ``[uid, noisy code, c]``: exact for uids < 2**53 and
+        float32 scores, and one collective instead of three (gloo latency dominates the
+        bookkeeping of small CPU runs).
+        """
         b = len(batch)
         uids = torch.as_tensor(batch.uids).to(self.device, torch.long).reshape(b)
         noisy = getattr(batch, "noisy", None)
         code = torch.full_like(uids, -1) if noisy is None else torch.as_tensor(noisy).to(self.device, torch.long)
+        cols = [uids, code.reshape(b)] + ([clip_score(feats)] if feats is not None else [])
+        t0 = time.perf_counter()
         sizes = dist.all_gather_sizes(b, self.device)
-        both = dist.all_gather_cat(torch.stack([uids, code.reshape(b)], dim=1), sizes)
-        g_uids = both[:, 0].contiguous()
+        # The first collective of the step absorbs the ranks' skew (data loading, the
+        # scoring forward): that wait is not selection cost, so it is reported apart.
+        wait = time.perf_counter() - t0
+        g = dist.all_gather_cat(torch.stack([c.double() for c in cols], dim=1), sizes)
+        g_uids = g[:, 0].long()
         if g_uids.numel():
             lo, hi = torch.aminmax(g_uids)
             # Global check, so every rank raises together instead of one hanging the rest.
@@ -168,27 +211,19 @@ class Selector:
             batch=batch,
             sizes=sizes,
             uids=g_uids,
-            noisy=both[:, 1].to(torch.int8),
+            noisy=g[:, 1].to(torch.int8),
+            current=g[:, 2].float() if feats is not None else None,
+            features=feats,
+            timings={"time/select_wait": wait},
         )
 
-    def _score_current(self, sb: ScoredBatch, batch, encode: Callable[[object], Features], with_loss: bool) -> None:
-        t0 = time.perf_counter()
-        feats = encode(batch)
-        sync(self.device)
-        sb.timings["time/score"] = time.perf_counter() - t0
-        sb.features = feats
-        c_local = clip_score(feats)
-        if not with_loss:
-            sb.current = dist.all_gather_cat(c_local, sb.sizes)
-            return
-        # One gather for image, text and score: [b, 2D + 1].
+    def _per_sample_loss(self, sb: ScoredBatch, feats: Features) -> None:
+        """sb.loss: [B] per-sample contrastive loss of every pair against the global batch."""
         d = feats.image.shape[1]
-        packed = torch.cat([feats.image.float(), feats.text.float(), c_local[:, None]], dim=1)
-        g = dist.all_gather_cat(packed, sb.sizes)
-        image_all, text_all, sb.current = g[:, :d], g[:, d : 2 * d], g[:, 2 * d].contiguous()
+        g = dist.all_gather_cat(torch.cat([feats.image.float(), feats.text.float()], dim=1), sb.sizes)
         offset = dist.local_slice(sb.sizes, self.rank).start
         loss_local = per_sample_contrastive_loss(
-            feats.image, feats.text, image_all, text_all, offset, float(feats.logit_scale)
+            feats.image, feats.text, g[:, :d], g[:, d:], offset, float(feats.logit_scale)
         )
         sb.loss = dist.all_gather_cat(loss_local, sb.sizes)
 

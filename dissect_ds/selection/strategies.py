@@ -59,6 +59,8 @@ class Strategy:
     name: ClassVar[str] = "none"
     obeys_warmup: ClassVar[bool] = True
     """During warm-up the Selector trains on a random/full subset instead of asking."""
+    own_keys: ClassVar[dict[str, object]] = {}
+    """Config keys (with their defaults) that only this strategy reads."""
 
     def __init__(self, cfg: SelectionConfig, memory: ScoreMemory | None, snapshot: LiveSnapshot | None) -> None:
         self.cfg, self.memory, self.snapshot = cfg, memory, snapshot
@@ -67,10 +69,11 @@ class Strategy:
     def validate(cls, cfg: SelectionConfig) -> list[str]:
         """Errors for config keys this strategy cannot honour."""
         errors = []
-        if cls.name != DissectModel.name:
-            for key, default in (("refresh_steps", 0), ("ema_decay", 0.0), ("cache_hist_scores", False)):
-                if getattr(cfg, key) != default:
-                    errors.append(f"selection.{key}: only used by strategy dissect_model (got {cls.name})")
+        for other in STRATEGIES.values():
+            if other is not cls:
+                for key, default in other.own_keys.items():
+                    if getattr(cfg, key) != default:
+                        errors.append(f"selection.{key}: only used by strategy {other.name} (got {cls.name})")
         if cfg.shadow and cls.has_historical():
             errors.append(
                 f"selection.shadow: {cls.name} already computes the differential; shadow is for strategies "
@@ -248,6 +251,7 @@ class DissectModel(Differential):
     """
 
     name = "dissect_model"
+    own_keys = {"refresh_steps": 0, "ema_decay": 0.0, "cache_hist_scores": False}
 
     @classmethod
     def validate(cls, cfg: SelectionConfig) -> list[str]:

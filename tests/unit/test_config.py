@@ -80,7 +80,10 @@ def test_batch_must_divide_world_size(synthetic):
 def test_cli_exits_2_with_one_line(args, synthetic):
     proc = subprocess.run(
         [sys.executable, "-m", "dissect_ds.train", *args, *_data(synthetic)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "WARNING" not in ln and "warn" not in ln.lower()]

@@ -14,7 +14,11 @@ DIM = 8
 
 def _problem(total: int):
     g = torch.Generator().manual_seed(0)
-    return torch.randn(total, DIM, generator=g), torch.randn(total, DIM, generator=g), torch.randn(DIM, DIM, generator=g)
+    return (
+        torch.randn(total, DIM, generator=g),
+        torch.randn(total, DIM, generator=g),
+        torch.randn(DIM, DIM, generator=g),
+    )
 
 
 def _features(x_img, x_txt, weight):

@@ -328,7 +328,7 @@ def test_metrics_noise_and_epoch_auroc():
         assert s.metrics["selection/clean_precision"] == pytest.approx((m & ~noisy).sum().item() / m.sum().item())
         assert s.metrics["selection/noisy_recall"] == pytest.approx((~m & noisy).sum().item() / noisy.sum().item())
         assert s.metrics["selected"] == 6 and s.metrics["selection/rate_effective"] == 0.5
-        assert {"time/select", "time/score"} <= s.metrics.keys()
+        assert {"time/select", "time/select_wait", "time/score", "time/score_hist"} <= s.metrics.keys()
     aucs = selector.epoch_end(0)
     assert aucs["selection/auroc_current"] > 0.9 and aucs["selection/auroc_differential"] > 0.7
     assert selector.epoch_end(1) == {}  # reset
