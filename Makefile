@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | cksum | cut -d' ' -f1)
 DEMO_DATA := data/demo
-NPROC ?= 2
+GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c GPU)
+NPROC ?= $(if $(filter-out 0,$(GPUS)),$(GPUS),2)
 
 .PHONY: venv test demo bench lint format clean
 
@@ -19,11 +20,13 @@ venv: $(STAMP)
 test: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
-$(DEMO_DATA)/train/sizes.json: | venv
+$(DEMO_DATA)/train/info.json: | venv
 	$(BIN)/python -m dissect_ds.prepare synthetic --num-samples 3000 --noise-rate 0.3 --seed 0 --val-samples 1000 --output $(DEMO_DATA)
 
-demo: venv $(DEMO_DATA)/train/sizes.json
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m dissect_ds.launch --nproc $(NPROC) -- --config configs/demo.yaml
+demo: venv $(DEMO_DATA)/train/info.json
+	rm -rf runs/demo
+	$(BIN)/deepspeed --num_gpus $(NPROC) --master_port $$($(BIN)/python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])') \
+		--module dissect_ds.train --config configs/demo.yaml
 	$(BIN)/python -m dissect_ds.summary runs/demo
 
 bench: venv

@@ -282,6 +282,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"model.pretrained: file not found: {cfg.model.pretrained} (weights are never downloaded)")
     if cfg.resume not in (None, "", "latest") and not Path(cfg.resume).exists():
         raise ConfigError(f"resume: must be 'latest', a checkpoint path or empty; not found: {cfg.resume}")
+    if not cfg.resume and (cfg.run_dir / "checkpoints" / "latest").exists():
+        raise ConfigError(
+            f"run.name: {cfg.run_dir} already holds checkpoints; pass resume=latest to continue it, or pick another run.name"
+        )
     errors = cfg.selection.validate()
     if errors:
         raise ConfigError(errors[0])

@@ -10,11 +10,9 @@ import yaml
 
 
 def noise_rate(train_spec: str) -> float | None:
-    """The data set's true noise rate, from the synthetic generator's meta.json if present."""
-    for meta in (Path(train_spec) / "meta.json", Path(train_spec).parent / "meta.json"):
-        if meta.is_file():
-            return json.loads(meta.read_text()).get("noise_rate")
-    return None
+    """The data set's true noise rate, from the synthetic generator's manifest if present."""
+    info = Path(train_spec) / "info.json"
+    return json.loads(info.read_text()).get("noise_rate") if info.is_file() else None
 
 
 def summarize(run_dir: Path) -> list[tuple[str, str]]:

@@ -154,7 +154,7 @@ class Trainer:
                 values.update(self.evaluate())
             self.writer.log(state.step, values)
             bar.update(1)
-            bar.set_postfix(loss=f"{values['loss']:.3f}", sel=values.get("selected"))
+            bar.set_postfix(loss=f"{values['loss']:.3f}", sel=values.get("selected"), refresh=False)
             preempted = self.preemption.agreed()
             if preempted or done or (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0):
                 self.save()
@@ -195,6 +195,8 @@ class Trainer:
         totals["samples_seen"] = state.samples_seen
         totals["selected_seen"] = state.selected_seen
         totals["epoch"] = state.step / self.steps_per_epoch
+        if torch.cuda.is_available():
+            totals["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return totals
 
     def data_counters(self) -> dict[str, int]:
@@ -216,10 +218,12 @@ class Trainer:
 
         metrics = evaluate(self.engine, self.cfg.data, self.cfg.eval.batch_size, self.info.rank, self.info.world_size)
         if self.info.is_main:
-            print(
+            from tqdm import tqdm
+
+            tqdm.write(
                 f"eval @ step {self.state.step}: "
                 + ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in metrics.items() if "R@5" not in k),
-                flush=True,
+                file=sys.stdout,
             )
         return metrics
 

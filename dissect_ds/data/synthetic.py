@@ -238,7 +238,8 @@ def _write_split(
         for k, i in enumerate(order):
             captions[i] = originals[(k + 1) % n_noisy]
     clear_split(out_dir)
-    with ShardWriter(out_dir, shard_size) as writer:
+    info = {"noise_rate": n_noisy / num_samples, "num_noisy": n_noisy}
+    with ShardWriter(out_dir, shard_size, extra_info=info) as writer:
         for uid in tqdm(range(num_samples), desc=desc, unit="pair", disable=not progress):
             scene = scenes[uid]
             writer.write(
