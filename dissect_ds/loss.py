@@ -40,18 +40,3 @@ def contrastive_loss(
     loss = D.all_reduce(local.detach().clone(), "sum", group)
     return local * world, loss
 
-
-def per_sample_loss(
-    image: torch.Tensor,
-    text: torch.Tensor,
-    logit_scale: float,
-    all_image: torch.Tensor,
-    all_text: torch.Tensor,
-    offset: int,
-) -> torch.Tensor:
-    """``[n]`` per-pair loss (mean of the image->text and text->image row CE) of the local rows
-    ``offset .. offset+n`` against the global batch (no gradient)."""
-    labels = torch.arange(image.shape[0], device=image.device) + offset
-    i2t = F.cross_entropy(logit_scale * image @ all_text.T, labels, reduction="none")
-    t2i = F.cross_entropy(logit_scale * text @ all_image.T, labels, reduction="none")
-    return (i2t + t2i) / 2

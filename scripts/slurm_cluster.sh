@@ -11,13 +11,15 @@
 # Idempotent: `up` on a running cluster with the same config returns at once; concurrent
 # callers serialise on a lock. Environment (defaults in brackets):
 #   DISSECT_SLURM_NODES     node names on this host [2]; 1 gives a single node named `hostname`
-#   DISSECT_SLURM_CPUS      CPUs advertised per node [nproc]
+#   DISSECT_SLURM_CPUS      CPUs advertised per node [online CPUs, at least 2]
 #   DISSECT_SLURM_PORT      first slurmd port [17001]; slurmctld listens on 16817
 #   DISSECT_SLURM_NO_INSTALL=1  never call apt-get (fail when slurm is missing)
 set -euo pipefail
 
 NODES=${DISSECT_SLURM_NODES:-2}
-CPUS=${DISSECT_SLURM_CPUS:-$(nproc)}
+# Online CPUs (not nproc: it follows OMP_NUM_THREADS), at least 2 so that 2-rank jobs fit
+# on one node of even a 1-CPU machine (config_overrides below lets a node claim more).
+CPUS=${DISSECT_SLURM_CPUS:-$(($(getconf _NPROCESSORS_ONLN) > 2 ? $(getconf _NPROCESSORS_ONLN) : 2))}
 PORT0=${DISSECT_SLURM_PORT:-17001}
 HOST=$(hostname -s)
 CONF=/etc/slurm/slurm.conf
@@ -38,6 +40,23 @@ node_names() {
 
 alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
+lock() {
+    install -d -m 0755 "$RUN"
+    exec 9>"$RUN/lock"
+    flock -w 900 9 || die "another slurm_cluster.sh holds $RUN/lock"
+}
+
+# Start a daemon without our lock (fd 9) or our stdout/stderr: daemons would hold the
+# lock forever and keep a caller's pipe open (subprocess.run(capture_output=True) hangs).
+start() {
+    local name=$1
+    shift
+    if ! "$@" </dev/null >"$RUN/$name.start.log" 2>&1 9>&-; then
+        cat "$RUN/$name.start.log" >&2
+        die "$name failed to start (see also $LOGDIR)"
+    fi
+}
+
 install_packages() {
     local missing=()
     for cmd in slurmctld slurmd sbatch munged; do
@@ -47,8 +66,13 @@ install_packages() {
     [[ ${DISSECT_SLURM_NO_INSTALL:-0} == 1 ]] && die "missing ${missing[*]} and DISSECT_SLURM_NO_INSTALL=1"
     log "installing slurm-wlm and munge (missing: ${missing[*]})"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get -o DPkg::Lock::Timeout=600 update -q >&2
-    apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends slurm-wlm slurm-client munge >&2
+    # Package scripts may start services: keep them off our lock and our output pipes.
+    if ! { apt-get -o DPkg::Lock::Timeout=600 update -q &&
+        apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends slurm-wlm slurm-client munge; } \
+        </dev/null >"$RUN/apt.log" 2>&1 9>&-; then
+        tail -n 40 "$RUN/apt.log" >&2
+        die "apt-get failed (log: $RUN/apt.log)"
+    fi
 }
 
 write_munge_key() {
@@ -69,7 +93,7 @@ start_munge() {
     if munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then return; fi
     log "starting munged"
     install -d -o munge -g munge -m 0755 /run/munge /var/lib/munge /var/log/munge
-    runuser -u munge -- /usr/sbin/munged
+    start munged runuser -u munge -- /usr/sbin/munged
     for _ in $(seq 50); do
         munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && return
         sleep 0.2
@@ -160,9 +184,7 @@ wait_idle() {
 
 cmd_up() {
     [[ $(id -u) -eq 0 ]] || die "must run as root (starts munged, slurmctld, slurmd)"
-    install -d -m 0755 "$RUN"
-    exec 9>"$RUN/lock"
-    flock 9
+    lock
     install_packages
     write_munge_key
     start_munge
@@ -180,14 +202,14 @@ cmd_up() {
     if ! alive "$RUN/slurmctld.pid"; then
         log "starting slurmctld"
         # -i: ignore state that does not match the current config (nodes renamed).
-        slurmctld -i
+        start slurmctld slurmctld -i
     fi
     local name
     for name in $(node_names); do
         if ! alive "$RUN/slurmd-$name.pid"; then
             install -d -m 0755 "$SPOOL/d-$name"
             log "starting slurmd for node $name"
-            slurmd -N "$name"
+            start "slurmd-$name" slurmd -N "$name"
         fi
     done
     wait_idle
@@ -196,9 +218,7 @@ cmd_up() {
 
 cmd_down() {
     [[ $(id -u) -eq 0 ]] || die "must run as root"
-    install -d -m 0755 "$RUN"
-    exec 9>"$RUN/lock"
-    flock 9
+    lock
     stop_daemons
     if [[ -f /run/munge/munged.pid ]] && grep -qF "$MARK" "$CONF" 2>/dev/null; then
         local pid

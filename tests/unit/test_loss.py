@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from dissect_ds.loss import contrastive_loss, per_sample_loss
+from dissect_ds.loss import contrastive_loss
 from tests.multiproc import run_ranks
 
 DIM = 8
@@ -65,9 +65,3 @@ def test_single_process_matches_clip_loss():
     assert float(loss) == pytest.approx(float(ClipLoss()(img, txt, torch.tensor(10.0))), rel=1e-6)
     assert float(bw) == pytest.approx(float(loss), rel=1e-6)
 
-
-def test_per_sample_loss_averages_to_clip_loss():
-    x_img, x_txt, w = _problem(9)
-    img, txt = _features(x_img, x_txt, w)
-    per = torch.cat([per_sample_loss(img[s], txt[s], 10.0, img, txt, s.start) for s in (slice(0, 4), slice(4, 9))])
-    assert float(per.mean()) == pytest.approx(float(ClipLoss()(img, txt, torch.tensor(10.0))), rel=1e-5)
