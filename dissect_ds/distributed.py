@@ -8,6 +8,7 @@ and under gloo or NCCL. All collectives here work on tensors of the caller's dev
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 from dataclasses import dataclass
@@ -39,7 +40,9 @@ def _first_slurm_host(nodelist: str) -> str:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
         return out.stdout.split()[0]
     except (OSError, subprocess.CalledProcessError, IndexError):
-        return nodelist.split(",")[0].split("[")[0]
+        # No scontrol: "gpu[07-08,10],cpu01" -> "gpu07" (prefix + first number of the range).
+        m = re.match(r"([^,\[]*)(?:\[([^\],-]+))?", nodelist)
+        return m.group(1) + (m.group(2) or "") if m and m.group(1) else nodelist
 
 
 def env_from_launcher(environ: dict[str, str] | None = None) -> dict[str, str]:

@@ -36,11 +36,13 @@ class Preemption:
 
     def __init__(self):
         self.flag = False
+        self.requeue = False  # only USR1 (SLURM's warning) asks for a requeue; scancel sends TERM
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.flag = True
+        self.requeue = self.requeue or signum == signal.SIGUSR1
 
     def agreed(self) -> bool:
         return bool(D.all_reduce(torch.tensor([int(self.flag)]), "max")[0])
@@ -60,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 class Trainer:
-    def __init__(self, cfg: C.Config, info: D.DistInfo):
+    def __init__(self, cfg: C.Config, info: D.DistInfo, preemption: Preemption | None = None):
         from dissect_ds.data import build_train_stream, dataset_size
         from dissect_ds.engine import Engine, resolve_resume
         from dissect_ds.metrics import MetricsWriter, StepTimer
@@ -112,7 +114,7 @@ class Trainer:
             self.run_dir, info.is_main, cfg.log.tensorboard, resume_step=self.state.step if resume else None
         )
         self.timer = StepTimer()
-        self.preemption = Preemption()
+        self.preemption = preemption or Preemption()
         if info.is_main and resume is not None:
             print(f"resumed from {resume} at step {self.state.step}", flush=True)
 
@@ -244,18 +246,19 @@ class Trainer:
         job = os.environ.get("SLURM_JOB_ID")
         if self.info.is_main:
             print(f"preempted: checkpoint at step {self.state.step} written", flush=True)
-            if job and os.environ.get("DISSECT_REQUEUE", "1") == "1":
+            if job and self.preemption.requeue and os.environ.get("DISSECT_REQUEUE", "1") == "1":
                 subprocess.run(["scontrol", "requeue", job], check=False)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    preemption = Preemption()  # before anything slow: USR1's default action kills the process
     world = int(D.env_from_launcher()["WORLD_SIZE"])
     cfg = C.load_or_exit(args.config, args.overrides, world_size=world)
     from dissect_ds.engine import init_distributed
 
     info = init_distributed()
-    trainer = Trainer(cfg, info)
+    trainer = Trainer(cfg, info, preemption)
     trainer.fit()
     D.barrier()
     if D.is_initialized():

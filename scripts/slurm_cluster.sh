@@ -201,8 +201,9 @@ cmd_up() {
     fi
     if ! alive "$RUN/slurmctld.pid"; then
         log "starting slurmctld"
-        # -i: ignore state that does not match the current config (nodes renamed).
-        start slurmctld slurmctld -i
+        # -c: a controller that was not running starts from a clean slate; jobs of a cluster
+        # that died (a reboot, a killed test session) must not be requeued onto this one.
+        start slurmctld slurmctld -c
     fi
     local name
     for name in $(node_names); do

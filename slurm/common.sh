@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared body of slurm/train_*.sh (sourced, not submitted). The calling script sets
 #   DISSECT_SET                 config name: configs/$DISSECT_SET.yaml
 #   DISSECT_SET_SAMPLES         training pairs in the real data set

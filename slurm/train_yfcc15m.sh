@@ -1,5 +1,6 @@
 #!/bin/bash
-# DISSect CLIP training on YFCC15M (14,681,591 pairs, 32 epochs, DISSect rate 0.5): the authors' recipe, 1,280 pairs per GPU.
+# DISSect CLIP training on YFCC15M (14,681,591 pairs, 32 epochs, DISSect rate 0.5):
+# the authors' recipe at 1,280 pairs per GPU.
 #
 #   sbatch slurm/train_yfcc15m.sh                          # 1 node x 8 GPUs
 #   sbatch --nodes=4 slurm/train_yfcc15m.sh                # 32 GPUs: batch, steps, warm-up scale
@@ -41,4 +42,5 @@ if [[ -z ${DISSECT_ROOT:-} ]]; then
         DISSECT_ROOT=$(cd "$(dirname "$0")/.." && pwd)
     fi
 fi
+# shellcheck source=slurm/common.sh
 source "$DISSECT_ROOT/slurm/common.sh"

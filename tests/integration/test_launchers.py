@@ -1,0 +1,122 @@
+"""Every launch path trains the debug config on 2 CPU ranks to the end, exits 0, and gives
+the same losses: torchrun (the reference), the deepspeed launcher on one node, mpirun
+(rank discovery through mpi4py), and the deepspeed launcher's multi-node runners (a
+hostfile with --launcher mpich, and --launcher slurm on the one-host SLURM cluster)."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.common import BIN, ROOT, free_port, losses, metrics, tiny_overrides
+from tests.integration.conftest import launch_env
+
+pytestmark = pytest.mark.slow
+
+STEPS = 8
+TIMEOUT = 900  # the first launch on a fresh machine JIT-compiles DeepSpeed's CPU comm op
+
+
+def _args(data: Path, out: Path, name: str) -> list[str]:
+    return [
+        "--config", str(ROOT / "configs/debug.yaml"),
+        *tiny_overrides(data, out, name),
+        f"train.steps={STEPS}", "checkpoint.every_steps=4",
+    ]  # fmt: skip
+
+
+def _run(cmd: list[str], timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{cmd[0]} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def _assert_trained_to_the_end(run: Path) -> None:
+    """Exit status alone is not enough (DeepSpeed's MPICH helper drops its child's status)."""
+    rows = [m for m in metrics(run) if "loss" in m]
+    assert [m["step"] for m in rows] == list(range(1, STEPS + 1))
+    assert json.loads((run / "eval.json").read_text())["step"] == STEPS
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step{STEPS:08d}"
+    assert (run / "open_clip_model.pt").is_file() and (run / "config.yaml").is_file()
+
+
+def _assert_same_losses(run: Path, ref: Path) -> None:
+    got, want = losses(run), losses(ref)
+    assert sorted(got) == sorted(want)
+    for step in want:  # same seeds, same data order, same world size: same numbers
+        assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
+
+
+@pytest.fixture(scope="module")
+def reference(synthetic, tmp_path_factory) -> Path:
+    """torchrun --nproc_per_node 2: the run every other launcher must reproduce."""
+    out = tmp_path_factory.mktemp("launchers")
+    _run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+          "-m", "dissect_ds.train", *_args(synthetic, out, "torchrun")])  # fmt: skip
+    return out
+
+
+def test_torchrun(reference):
+    run = reference / "torchrun"
+    _assert_trained_to_the_end(run)
+    rows = [m for m in metrics(run) if "loss" in m]
+    assert all(math.isfinite(m["loss"]) for m in rows)
+    assert [m["samples_seen"] for m in rows] == [16 * s for s in range(1, STEPS + 1)]  # global batch of 16
+
+
+def test_deepspeed_launcher_one_node(reference, synthetic):
+    run = reference / "deepspeed"
+    proc = _run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+                 "--module", "dissect_ds.train", *_args(synthetic, reference, "deepspeed")])  # fmt: skip
+    assert "exits successfully" in proc.stdout + proc.stderr
+    _assert_trained_to_the_end(run)
+    _assert_same_losses(run, reference / "torchrun")
+
+
+def test_mpirun(reference, synthetic):
+    run = reference / "mpirun"
+    proc = _run([str(BIN / "mpirun"), "-np", "2", sys.executable, "-m", "dissect_ds.train",
+                 *_args(synthetic, reference, "mpirun")])  # fmt: skip
+    text = proc.stdout + proc.stderr
+    # A rank that leaves without MPI_Finalize, or one that aborts in it, makes Hydra say so.
+    for bad in ("BAD TERMINATION", "Abort(", "MPI_ABORT", "application called MPI_Abort"):
+        assert bad not in text, bad
+    _assert_trained_to_the_end(run)
+    _assert_same_losses(run, reference / "torchrun")
+
+
+def test_deepspeed_multinode_hostfile_mpich(reference, synthetic, tmp_path):
+    """Two "hosts" in a hostfile, both this machine (its name and localhost): DeepSpeed's
+    multi-node path with the MPICH runner (Hydra starts one rank per host)."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(f"{socket.gethostname()} slots=1\nlocalhost slots=1\n")
+    run = reference / "ds-mpich"
+    # The script path, not --module: DeepSpeed 0.18's MPICH runner puts -m before its own helper.
+    _run([str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--launcher", "mpich", "--no_ssh_check",
+          "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+          "dissect_ds/train.py", *_args(synthetic, reference, "ds-mpich")])  # fmt: skip
+    _assert_trained_to_the_end(run)
+    _assert_same_losses(run, reference / "torchrun")
+
+
+@pytest.mark.slurm
+def test_deepspeed_multinode_launcher_slurm(reference, synthetic, tmp_path, slurm_cluster):
+    """--launcher slurm: DeepSpeed runs `srun` over the hostfile's nodes, here the two node
+    names of the one-host cluster, one rank each; ranks map SLURM_PROCID themselves."""
+    if len(slurm_cluster) < 2:
+        pytest.skip("the cluster has one node name")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("".join(f"{n} slots=1\n" for n in slurm_cluster[:2]))
+    run = reference / "ds-slurm"
+    _run([str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--launcher", "slurm", "--no_ssh_check",
+          "--launcher_args", "--nodes=2 --ntasks-per-node=1 --cpus-per-task=1 --kill-on-bad-exit=1 --time=20",
+          "--master_addr", "127.0.0.1", "dissect_ds/train.py",
+          *_args(synthetic, reference, "ds-slurm")])  # fmt: skip
+    _assert_trained_to_the_end(run)
+    _assert_same_losses(run, reference / "torchrun")
