@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 
@@ -20,7 +21,9 @@ def _worker(rank: int, world: int, port: int, fn, args, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
-        queue.put((rank, fn(rank, world, *args), None))
+        # Plain pickle copies tensors by value: torch's queue pickler would pass shared-memory
+        # handles that die with this process, racing the parent's read.
+        queue.put((rank, pickle.dumps(fn(rank, world, *args)), None))
         dist.destroy_process_group()
     except Exception:  # report instead of hanging the parent
         queue.put((rank, None, traceback.format_exc()))
@@ -41,7 +44,7 @@ def run_ranks(fn, world: int, *args, timeout: float = 120.0) -> list:
             rank, value, err = queue.get(timeout=timeout)
             if err:
                 raise AssertionError(f"rank {rank} failed:\n{err}")
-            results[rank] = value
+            results[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=10)

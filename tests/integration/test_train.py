@@ -90,6 +90,9 @@ def test_tensorboard_events_read_back(zero_runs):
 def test_exported_weights_load_in_open_clip(zero_runs):
     import open_clip
 
+    from dissect_ds.model import CONFIG_DIR
+
+    open_clip.add_model_config(CONFIG_DIR)  # what a user outside dissect_ds does
     m = open_clip.create_model("dissect-tiny-vit", pretrained=str(zero_runs / "z3" / "open_clip_model.pt"))
     sd = torch.load(zero_runs / "z3" / "open_clip_model.pt", map_location="cpu")
     torch.testing.assert_close(m.state_dict()["text_projection"], sd["text_projection"])
