@@ -1,0 +1,128 @@
+"""``make bench``: run the benchmarks and assemble ``docs/benchmarks.md``.
+
+``docs/benchmarks.md`` = a header (machine, date, command) + ``docs/bench/perf.md``
+(throughput, overhead, memory; written here) + ``docs/bench/accuracy.md`` (written by
+``benchmarks.accuracy.main(argv)`` when that module exists).
+
+    python -m benchmarks.run_all [--quick] [--only throughput,overhead,memory,accuracy]
+                                 [--out DOCS_DIR] [--work SCRATCH_DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from benchmarks import common as c
+
+PERF_PARTS = ("throughput", "overhead", "memory")
+PARTS = (*PERF_PARTS, "accuracy")
+
+
+def run_accuracy(quick: bool, out: Path, work: Path) -> bool:
+    """Call ``benchmarks.accuracy.main`` (it writes ``bench/accuracy.md`` under the docs
+    directory, its plots under ``img/``); False when that module is not there."""
+    try:
+        accuracy = importlib.import_module("benchmarks.accuracy")
+    except ModuleNotFoundError as e:
+        if e.name != "benchmarks.accuracy":
+            raise
+        print("run_all: benchmarks.accuracy not found: skipping the accuracy benchmark", flush=True)
+        return False
+    argv = ["--quick"] if quick else []
+    if out.resolve() != c.DOCS.resolve():  # its default is docs/bench + docs/img
+        argv += ["--out", str(out / "bench"), "--work", str(work / "accuracy")]
+    accuracy.main(argv)
+    return True
+
+
+_LINK = re.compile(r"(\]\()([^)\s]+)(\))")
+
+
+def rebase_links(text: str, src_dir: Path, dst_dir: Path) -> str:
+    """Relative markdown link targets of a page in ``src_dir``, made relative to
+    ``dst_dir`` (accuracy.md links its plots from docs/bench/, benchmarks.md is in docs/)."""
+
+    def fix(m: re.Match) -> str:
+        target = m.group(2)
+        if re.match(r"^([a-z]+:|#|/)", target):
+            return m.group(0)
+        return m.group(1) + os.path.relpath(src_dir / target, dst_dir) + m.group(3)
+
+    return _LINK.sub(fix, text)
+
+
+def header(durations: dict[str, float]) -> str:
+    took = ", ".join(f"{name} {sec / 60:.1f} min" for name, sec in durations.items())
+    return "\n".join(
+        [
+            "# Benchmarks",
+            "",
+            f"Generated on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by `make bench` "
+            "(`.venv/bin/python -m benchmarks.run_all`).",
+            "",
+            c.machine_line(),
+            "",
+            f"This run: {took}." if took else "",
+        ]
+    )
+
+
+def assemble(out: Path, durations: dict[str, float]) -> Path:
+    """Write ``out/benchmarks.md`` from the header and whichever parts exist."""
+    parts = [header(durations)]
+    for path in (out / "bench" / "perf.md", out / "bench" / "accuracy.md"):
+        if path.exists():
+            parts.append(rebase_links(path.read_text().strip(), path.parent, out))
+    target = out / "benchmarks.md"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("\n\n".join(p for p in parts if p) + "\n")
+    return target
+
+
+def run(quick: bool, only: tuple[str, ...], out: Path, work: Path) -> dict[str, object]:
+    """Run the parts in ``only`` (in :data:`PARTS` order); return each perf part's result."""
+    results: dict[str, object] = {}
+    durations: dict[str, float] = {}
+    for name in (p for p in PARTS if p in only):
+        t0 = time.perf_counter()
+        if name == "accuracy":
+            if not run_accuracy(quick, out, work):
+                continue
+        else:
+            module = importlib.import_module(f"benchmarks.{name}")
+            results[name] = module.run(quick, work)
+            text = module.render(results[name])
+            print(text, flush=True)
+            c.write_section(out / "bench" / "perf.md", name, text)
+        durations[name] = time.perf_counter() - t0
+        print(f"run_all: {name} took {durations[name] / 60:.1f} min", flush=True)
+    print(f"run_all: wrote {assemble(out, durations)}", flush=True)
+    return results
+
+
+def _parts(text: str) -> tuple[str, ...]:
+    names = tuple(p.strip() for p in text.split(",") if p.strip())
+    unknown = [n for n in names if n not in PARTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown part(s) {unknown}; choose from {','.join(PARTS)}")
+    return names
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run_all", description="Run the benchmarks (make bench).")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and 1 repeat (the smoke test)")
+    p.add_argument("--only", type=_parts, default=PARTS, help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--out", type=Path, default=c.DOCS, help="docs directory: OUT/benchmarks.md, OUT/bench/perf.md")
+    p.add_argument("--work", type=Path, default=c.WORK, help="scratch directory for data, runs and logs")
+    args = p.parse_args(argv)
+    run(args.quick, args.only, args.out, args.work)
+
+
+if __name__ == "__main__":
+    main()
