@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,7 +109,8 @@ def machine_line(load: tuple[float, float] | None = None) -> str:
     """One line naming the machine, and the load average at the start and end of a part."""
     line = f"Machine: {cores()} cores, {cpu_model()}, GPU: {gpu_names()}"
     if load is not None:
-        line += f"; 1-min load average {load[0]:.1f} at start, {load[1]:.1f} at end"
+        when = datetime.now(timezone.utc)
+        line += f"; measured {when:%Y-%m-%d %H:%M} UTC, 1-min load average {load[0]:.1f} at start, {load[1]:.1f} at end"
     return line + "."
 
 

@@ -57,25 +57,23 @@ def rebase_links(text: str, src_dir: Path, dst_dir: Path) -> str:
     return _LINK.sub(fix, text)
 
 
-def header(durations: dict[str, float]) -> str:
-    took = ", ".join(f"{name} {sec / 60:.1f} min" for name, sec in durations.items())
+def header() -> str:
     return "\n".join(
         [
             "# Benchmarks",
             "",
             f"Generated on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by `make bench` "
-            "(`.venv/bin/python -m benchmarks.run_all`).",
+            "(`.venv/bin/python -m benchmarks.run_all`; `--only PART` reruns one part). Each section names the "
+            "command that reproduces it and how long it took.",
             "",
             c.machine_line(),
-            "",
-            f"This run: {took}." if took else "",
         ]
     )
 
 
-def assemble(out: Path, durations: dict[str, float]) -> Path:
+def assemble(out: Path) -> Path:
     """Write ``out/benchmarks.md`` from the header and whichever parts exist."""
-    parts = [header(durations)]
+    parts = [header()]
     for path in (out / "bench" / "perf.md", out / "bench" / "accuracy.md"):
         if path.exists():
             parts.append(rebase_links(path.read_text().strip(), path.parent, out))
@@ -101,8 +99,8 @@ def run(quick: bool, only: tuple[str, ...], out: Path, work: Path) -> dict[str, 
             print(text, flush=True)
             c.write_section(out / "bench" / "perf.md", name, text)
         durations[name] = time.perf_counter() - t0
-        print(f"run_all: {name} took {durations[name] / 60:.1f} min", flush=True)
-    print(f"run_all: wrote {assemble(out, durations)}", flush=True)
+    took = ", ".join(f"{name} {sec / 60:.1f} min" for name, sec in durations.items())
+    print(f"run_all: wrote {assemble(out)} ({took})", flush=True)
     return results
 
 

@@ -43,6 +43,7 @@ class Setup:
     trainers: tuple[str, ...]  # keys of TRAINERS
 
 
+PARTS = ("time/train", "time/select", "time/select_wait", "time/data")  # of our loop, from metrics.jsonl
 TRAINERS = {
     "ours": "dissect_ds, ZeRO-2 (configs/demo.yaml)",
     "ours_zero0": "dissect_ds, ZeRO-0",
@@ -62,6 +63,7 @@ class Run:
     in_step_samples_per_s: float | None  # ours only: batch / median time/step
     wall_s: float  # launch to exit, start-up included
     cpu_per_step: float  # CPU seconds of all ranks and data workers per steady-state step
+    parts: dict[str, float] = field(default_factory=dict)  # steady-state medians (s): loop and its parts
 
 
 @dataclass
@@ -219,9 +221,12 @@ def measure_ours(data: Path, s: Setup, work: Path, repeat: int, trainer: str) ->
     cmd = _ours(data, s, out, name, extra)
     wall = c.run(cmd, work / "logs" / f"throughput_{name}.log", timeout=1200, poll=probe)
     loop = c.loop_seconds(out / name)
-    in_step = {m["step"]: m["time/step"] for m in c.step_metrics(out / name)}
+    rows = c.step_metrics(out / name)
+    in_step = {m["step"]: m["time/step"] for m in rows}
     cpu = probe.per_step(s.skip, s.steps - 1)
-    return Run(trainer, repeat, s.batch / _steady(loop, s.skip), s.batch / _steady(in_step, s.skip), wall, cpu)
+    parts = {k: _steady({m["step"]: m[k] for m in rows}, s.skip) for k in PARTS}
+    parts["loop"] = _steady(loop, s.skip)
+    return Run(trainer, repeat, s.batch / parts["loop"], s.batch / _steady(in_step, s.skip), wall, cpu, parts)
 
 
 def measure_open_clip(data: Path, s: Setup, work: Path, repeat: int) -> Run:
@@ -233,7 +238,8 @@ def measure_open_clip(data: Path, s: Setup, work: Path, repeat: int) -> Run:
     if len(seconds) < s.steps:
         raise c.BenchError(f"open_clip_train logged {len(seconds)} of {s.steps} steps; see {out / name / 'out.log'}")
     cpu = probe.per_step(s.skip, s.steps - 1)
-    return Run("open_clip", repeat, s.batch / _steady(seconds, s.skip), None, wall, cpu)
+    loop = _steady(seconds, s.skip)
+    return Run("open_clip", repeat, s.batch / loop, None, wall, cpu, {"loop": loop})
 
 
 def run(quick: bool, work: Path) -> Result:
@@ -258,6 +264,25 @@ def run(quick: bool, work: Path) -> Result:
             )
     result.load, result.seconds = (load0, c.loadavg()), time.perf_counter() - t0
     return result
+
+
+def breakdown(r: Result, trainer: str = "ours") -> str:
+    """Where ``trainer``'s loop time goes, against open_clip_train's whole step (medians
+    over repeats of per-run medians, ms)."""
+
+    def part(t: str, key: str) -> float:
+        return c.median(x.parts[key] for x in r.runs if x.trainer == t) * 1000
+
+    loop, train = part(trainer, "loop"), part(trainer, "time/train")
+    sel, wait, data = part(trainer, "time/select"), part(trainer, "time/select_wait"), part(trainer, "time/data")
+    rest = loop - train - sel - wait - data
+    return (
+        f"Where the time goes ({TRAINERS[trainer].split(' (')[0]}, medians, ms): loop {loop:.0f} = engine "
+        f"train step {train:.0f} + selection pass {sel:.0f} (`time/select`; `none` still gathers uids and noise "
+        f"flags and checks the mask) + first-collective wait {wait:.0f} + data {data:.0f} + the rest "
+        f"{rest:.0f} (grad norm, metrics.jsonl and TensorBoard, the preemption all-reduce); open_clip_train's "
+        f"whole step {part('open_clip', 'loop'):.0f}."
+    )
 
 
 def render(r: Result) -> str:
@@ -293,6 +318,8 @@ def render(r: Result) -> str:
             "cores a run got, though on a shared machine it varies too.",
             "",
             c.md_table(headers, rows),
+            "",
+            breakdown(r),
             "",
             c.NOISE_NOTE + f" Produced in {r.seconds / 60:.1f} min.",
         ]
