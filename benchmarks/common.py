@@ -282,6 +282,16 @@ def loop_seconds(run_dir: Path) -> dict[int, float]:
     return {b.step: b.wall_time - a.wall_time for a, b in zip(events, events[1:]) if b.step == a.step + 1}
 
 
+def prune_run(run_dir: Path) -> None:
+    """Delete a measured run's checkpoints and exported weights (~100 MB a run); its
+    metrics.jsonl, TensorBoard files and logs stay for inspection."""
+    for path in run_dir.rglob("*"):
+        if path.is_dir() and path.name == "checkpoints":
+            shutil.rmtree(path, ignore_errors=True)
+    for path in run_dir.rglob("*.pt"):
+        path.unlink(missing_ok=True)
+
+
 # ------------------------------------------------------------------ markdown
 
 

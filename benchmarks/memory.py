@@ -192,6 +192,7 @@ def measure_rss(stage: int, data: Path, work: Path, steps: int, batch: int) -> R
     cmd = c.torchrun("-m", "dissect_ds.train", "--config", str(c.ROOT / "configs/demo.yaml"), *overrides)
     peak = PeakRss()
     wall = c.run(cmd, work / "logs" / f"memory_{name}.log", timeout=1200, poll=peak)
+    c.prune_run(out / name)
     if sorted(peak.ranks) != list(range(c.NPROC)):
         raise c.BenchError(f"memory: saw ranks {sorted(peak.ranks)} of {c.NPROC} in the torchrun tree")
     return RssRow(stage, {r: kib / 1024 for r, kib in sorted(peak.ranks.items())}, peak.workers / 1024, wall)
@@ -267,9 +268,10 @@ def render(r: Result) -> str:
             f"(`dissect-tiny-vit`, dissect_warmup, batch 128, fp32), {c.NPROC} ranks via torchrun, {r.steps} "
             "steps and the final checkpoint, one run per stage; data workers (forked, sharing pages with their "
             f"rank) apart. The model has {r.params / 1e6:.2f} M parameters: fp32 weights, gradients and AdamW's "
-            f"two moments take {16 * r.params / MIB:.0f} MiB per full copy, the part ZeRO-1/2/3 partition over "
-            "the ranks; the rest of a rank's RSS is the Python/torch/DeepSpeed runtime, activations and buffers, "
-            "so the stages differ by little here.",
+            f"two moments take {16 * r.params / MIB:.0f} MiB per full copy, so partitioning them over "
+            f"{c.NPROC} ranks can save at most {16 * r.params * (1 - 1 / c.NPROC) / MIB:.0f} MiB per rank; the "
+            "rest of a rank's RSS is the Python/torch/DeepSpeed runtime, activations and ZeRO's own flat "
+            "buffers and reduction buckets, which on a model this small can outweigh what partitioning saves.",
             "",
             c.md_table(["ZeRO stage", *rank_cols, "data worker peak MiB", "run wall-clock s"], rss_rows),
             "",

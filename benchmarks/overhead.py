@@ -203,6 +203,7 @@ def run(quick: bool, work: Path) -> Result:
         cmd = c.torchrun("-m", "benchmarks.overhead", "worker", str(spec))
         wall = c.run(cmd, work / "logs" / f"overhead_r{rep}.log", timeout=3600)
         result.medians.append({r["name"]: _medians(out / _dir(r["name"]), s.skip) for r in runs})
+        c.prune_run(out)
         print(f"overhead repeat {rep}: {len(runs)} runs in {wall:.0f} s", flush=True)
     result.load, result.seconds = (load0, c.loadavg()), time.perf_counter() - t0
     return result

@@ -71,12 +71,24 @@ def header() -> str:
     )
 
 
+def demote_headings(text: str) -> str:
+    """One more ``#`` on every markdown heading outside code fences (a page's title
+    becomes a section of benchmarks.md, whose only top-level heading is its own)."""
+    lines, fenced = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        lines.append("#" + line if not fenced and line.startswith("#") else line)
+    return "\n".join(lines)
+
+
 def assemble(out: Path) -> Path:
     """Write ``out/benchmarks.md`` from the header and whichever parts exist."""
     parts = [header()]
     for path in (out / "bench" / "perf.md", out / "bench" / "accuracy.md"):
         if path.exists():
-            parts.append(rebase_links(path.read_text().strip(), path.parent, out))
+            text = rebase_links(path.read_text().strip(), path.parent, out)
+            parts.append(demote_headings(text) if text.startswith("# ") else text)
     target = out / "benchmarks.md"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text("\n\n".join(p for p in parts if p) + "\n")

@@ -226,6 +226,7 @@ def measure_ours(data: Path, s: Setup, work: Path, repeat: int, trainer: str) ->
     cpu = probe.per_step(s.skip, s.steps - 1)
     parts = {k: _steady({m["step"]: m[k] for m in rows}, s.skip) for k in PARTS}
     parts["loop"] = _steady(loop, s.skip)
+    c.prune_run(out / name)
     return Run(trainer, repeat, s.batch / parts["loop"], s.batch / _steady(in_step, s.skip), wall, cpu, parts)
 
 
@@ -239,6 +240,7 @@ def measure_open_clip(data: Path, s: Setup, work: Path, repeat: int) -> Run:
         raise c.BenchError(f"open_clip_train logged {len(seconds)} of {s.steps} steps; see {out / name / 'out.log'}")
     cpu = probe.per_step(s.skip, s.steps - 1)
     loop = _steady(seconds, s.skip)
+    c.prune_run(out / name)
     return Run("open_clip", repeat, s.batch / loop, None, wall, cpu, {"loop": loop})
 
 
