@@ -31,8 +31,9 @@ def contrastive_loss(
     """
     world = len(sizes)
     total = sum(sizes)
-    all_image = D.all_gather_cat_with_grad(image, sizes, group)
-    all_text = D.all_gather_cat_with_grad(text, sizes, group)
+    d = image.shape[1]
+    both = D.all_gather_cat_with_grad(torch.cat([image, text], dim=1), sizes, group)  # one collective, not two
+    all_image, all_text = both[:, :d], both[:, d:]
     labels = torch.arange(image.shape[0], device=image.device) + sum(sizes[:rank])
     per_image = F.cross_entropy(logit_scale * image @ all_text.T, labels, reduction="sum")
     per_text = F.cross_entropy(logit_scale * text @ all_image.T, labels, reduction="sum")

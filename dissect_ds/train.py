@@ -182,7 +182,7 @@ class Trainer:
             step_id = state.step * cfg.train.grad_accum + micro
             selection = self.selector.select(step_id, batch, self.engine.encode)
             with self.timer("train"):
-                out = self.engine.train_step(batch.select(selection.mask), fallback=batch)
+                out = self.engine.train_step(batch.select(selection.mask), fallback=batch, sizes=selection.sizes)
             self.selector.after_step(step_id)
             for k, v in {**out, **selection.metrics}.items():
                 totals[k] = totals.get(k, 0.0) + v / cfg.train.grad_accum

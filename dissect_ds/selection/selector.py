@@ -28,12 +28,14 @@ class Selection:
     """The outcome of one selection step.
 
     ``mask``: ``[b]`` bool on the selector's device, this rank's rows to train on (may be
-    all False). ``num_selected``: the global count k. ``metrics`` and ``histograms`` are
+    all False). ``num_selected``: the global count k. ``sizes``: every rank's number of
+    selected rows (the same list on every rank, known without a collective). ``metrics`` and ``histograms`` are
     global, identical on every rank (histograms are ``[B]`` device tensors).
     """
 
     mask: torch.Tensor
     num_selected: int
+    sizes: list[int]
     metrics: dict[str, float]
     histograms: dict[str, torch.Tensor]
 
@@ -66,8 +68,8 @@ class Selector:
     snapshot) needs it; gather the batch sizes, then uids, noise labels and current
     scores in one all-gather; get the historical scores (one all-reduce for the score
     memory, or the historical model's forward plus a gather); rank the global batch;
-    check with one all-reduce that all ranks agree. The loss baselines gather the
-    features and the per-sample losses too. All collectives are O(B) (features: O(B D)).
+    check with one all-reduce that all ranks agree (unless every pair is kept). The loss
+    baselines gather the features and the per-sample losses too. All collectives are O(B) (features: O(B D)).
     Every rank computes the same mask over the global batch, equal to what one process
     computes on the concatenated batch, and keeps its own rows.
 
@@ -161,9 +163,10 @@ class Selector:
         else:
             priority = strategy.priority(sb)
         mask = self._topk(priority, sb)
-        # Cheap insurance: a rank that diverged would train on other pairs than its peers
-        # think, and the gathered loss would silently mix two selections.
-        _check_same_on_all_ranks(mask, f"selection mask at step {step}")
+        if priority is not None:
+            # Cheap insurance: a rank that diverged would train on other pairs than its peers
+            # think, and the gathered loss would silently mix two selections.
+            _check_same_on_all_ranks(mask, f"selection mask at step {step}")
         strategy.update(sb, mask)
 
         rows = dist.local_slice(sb.sizes, self.rank)
@@ -178,7 +181,8 @@ class Selector:
         metrics.update(timings)
         metrics["time/select"] = time.perf_counter() - t_start - sum(timings.values())
         histograms = {f"selection/{k}": v for k, v in scores.items()}
-        return Selection(mask[rows], int(metrics["selected"]), metrics, histograms)
+        selected = [int(mask[dist.local_slice(sb.sizes, r)].sum()) for r in range(len(sb.sizes))]
+        return Selection(mask[rows], int(metrics["selected"]), selected, metrics, histograms)
 
     def _gather_batch(self, step: int, in_warmup: bool, batch, feats: Features | None) -> ScoredBatch:
         """Gather uids, noise labels and (when scored) current scores in one all-gather.
