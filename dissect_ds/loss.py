@@ -40,4 +40,3 @@ def contrastive_loss(
     local = (per_image + per_text) / (2 * total)
     loss = D.all_reduce(local.detach().clone(), "sum", group)
     return local * world, loss
-

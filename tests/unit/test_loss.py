@@ -64,4 +64,3 @@ def test_single_process_matches_clip_loss():
     bw, loss = contrastive_loss(img, txt, torch.tensor(10.0), [7], 0)
     assert float(loss) == pytest.approx(float(ClipLoss()(img, txt, torch.tensor(10.0))), rel=1e-6)
     assert float(bw) == pytest.approx(float(loss), rel=1e-6)
-
