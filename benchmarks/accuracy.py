@@ -1,23 +1,26 @@
 """Time to accuracy of every selection strategy on the noisy synthetic set (issue 5, item 1).
 
-    .venv/bin/python -m benchmarks.accuracy            # full: ~35 min on 2 CPU cores
+    .venv/bin/python -m benchmarks.accuracy            # full: ~45 min on 2 quiet CPU cores
     .venv/bin/python -m benchmarks.accuracy --quick    # smoke version, tiny sizes
 
-Two parts, both with the real trainer (torchrun, 2 gloo ranks, ZeRO-2, configs/demo.yaml's
-model and optimizer), one seed:
+All runs use the real trainer (torchrun, 2 gloo ranks, ZeRO-2, configs/demo.yaml's model
+and optimizer); sizes in :data:`FULL`:
 
 1. Probe (METHOD.md, memorisation regime): full-batch training (``none``) of the tiny CLIP
-   on 2,000 pairs at 40% noise for 40 epochs with a *shadow* snapshot taken after epoch 10
+   on 1,024 pairs at 40% noise for 24 epochs with a *shadow* snapshot taken after epoch 8
    and, in a second run, after epoch 1. The trainer logs per epoch the clean-vs-noisy AUROC
    of the current score and of the differential; late in training the differential should
-   beat the current score with the epoch-10 snapshot and not with the epoch-1 one.
+   beat the current score with the epoch-8 snapshot and not with the epoch-1 one.
 2. Sweep: every strategy at rate 0.3 on the same data, same seed, same steps. Reported:
    final val R@1 (both directions), zero-shot top-1, clean precision of the selection,
    backward samples, training wall-clock, time to full-data's final R@1, and per-pair
    records (``selection.record``) for the score-history and difficulty analyses.
+3. Noise 0% and 20% (each with its own full-data reference) and rate 0.5 at 40%.
+4. Seeds 1 and 2 for ``none`` and ``dissect_warmup``: the spread of R@1 and wall-clock.
+5. One-pass regime: 12,800 pairs, one epoch, where nothing can be memorised.
 
-The epoch-10 probe run *is* the sweep's ``none`` run (the shadow forwards do not change
-training); its wall-clock excludes the two diagnostic forwards (``time/score`` and
+The probe run *is* the sweep's ``none`` run (the shadow forwards do not change training);
+its wall-clock excludes the two diagnostic forwards (``time/score`` and
 ``time/score_hist``, measured per step), which full-batch training does not need.
 Writes ``accuracy.md`` and ``accuracy_*.png`` (see :func:`main`).
 """
@@ -84,6 +87,15 @@ class Scale:
     rate: float = 0.3
     strategies: tuple[str, ...] = STRATEGIES
     last_epochs: int = 5  # "late in training": the window averaged for precision and AUROC
+    # Beyond the main sweep (same sizes, steps and evaluation unless said otherwise):
+    other_noises: tuple[float, ...] = (0.0, 0.2)
+    noise_strategies: tuple[str, ...] = ("none", "random", "small_loss", "clipscore", "dissect_warmup")
+    rate2: float = 0.5
+    rate2_strategies: tuple[str, ...] = ("random", "small_loss", "clipscore", "dissect_warmup", "dissect_momentum")
+    seeds: tuple[int, ...] = (1, 2)  # extra seeds (seed 0 is the main sweep)
+    seed_strategies: tuple[str, ...] = ("none", "dissect_warmup")
+    onepass_train: int = 12_800  # one-pass regime: this many pairs, one epoch, same noise and batch
+    onepass_strategies: tuple[str, ...] = ("none", "random", "small_loss", "clipscore", "dissect_model")
 
     @property
     def steps_per_epoch(self) -> int:
@@ -95,15 +107,15 @@ class Scale:
 
 
 FULL = Scale(
-    train=2000,
+    train=1024,
     val=500,
     batch=128,
-    epochs=30,
-    snapshot_epoch=10,
+    epochs=24,
+    snapshot_epoch=8,
     early_epoch=1,
-    eval_every=50,
-    lr_warmup=50,
-    shard_size=500,
+    eval_every=16,
+    lr_warmup=16,
+    shard_size=256,
 )
 # Smoke version: the whole path (probe run with a shadow, one DISSect run, tables, plots)
 # on a few steps; the numbers mean nothing.
@@ -119,6 +131,13 @@ QUICK = Scale(
     shard_size=64,
     strategies=("none", "dissect_warmup"),
     last_epochs=1,
+    other_noises=(0.0,),
+    noise_strategies=("none",),
+    rate2_strategies=("dissect_warmup",),
+    seeds=(1,),
+    seed_strategies=("dissect_warmup",),
+    onepass_train=256,
+    onepass_strategies=("dissect_model",),
 )
 
 
@@ -132,14 +151,21 @@ def _free_port() -> int:
 
 
 def run_overrides(
-    scale: Scale, strategy: str, shadow_epoch: int | None, record: bool, evaluate: bool = True
+    scale: Scale,
+    strategy: str,
+    shadow_epoch: int | None,
+    record: bool,
+    evaluate: bool = True,
+    seed: int = 0,
+    rate: float | None = None,
 ) -> list[str]:
     """Config overrides of one run beyond data and output paths (every key we rely on is
     set here, so changes to configs/demo.yaml do not silently change the benchmark)."""
     spe = scale.steps_per_epoch
     dissect = strategy in DISSECT
+    rate = scale.rate if rate is None else rate
     out = [
-        "run.seed=0",
+        f"run.seed={seed}",
         f"train.steps={scale.steps}",
         f"train.batch_size={scale.batch}",
         "train.lr=1.0e-3",
@@ -153,13 +179,19 @@ def run_overrides(
         "log.histograms_every_steps=0",
         "data.num_workers=1",
         f"selection.strategy={strategy}",
-        f"selection.rate={1.0 if strategy == 'none' else scale.rate}",
+        f"selection.rate={1.0 if strategy == 'none' else rate}",
         # DISSect as in METHOD.md's better probe variant: full-batch warm-up, then select.
         # The other strategies select from step 0, as in that probe.
         f"selection.warmup_epochs={scale.snapshot_epoch if dissect else 0}",
         "selection.warmup_mode=full",
         f"selection.record={str(record).lower()}",
     ]
+    if scale.epochs == 1 and dissect:
+        # One pass: no pair comes back, so the warm-up/momentum memories are never hit; the
+        # live historical model (dissect_model) is snapshotted after a fifth of the steps
+        # (full-batch warm-up) and refreshed every fifth.
+        fifth = max(1, scale.steps // 5)
+        out += ["selection.warmup_epochs=0", f"selection.warmup_steps={fifth}", f"selection.refresh_steps={fifth}"]
     if shadow_epoch is not None:
         # after_step(s) snapshots the weights after s + 1 updates: the end of that epoch.
         out += ["selection.shadow=true", f"selection.shadow_step={shadow_epoch * spe - 1}"]
@@ -543,7 +575,7 @@ def _header(scale: Scale, meta: dict[str, str], command: str) -> list[str]:
         "uniform there).",
         f"- Training: model `dissect-tiny-vit` (32x32, 2-layer width-128 towers), 2 ranks (torchrun, gloo, ZeRO-2), "
         f"global batch {scale.batch}, {scale.epochs} epochs = {scale.steps} steps, AdamW lr 1e-3 "
-        f"({scale.lr_warmup} warm-up steps, cosine), seed 0 for every run (same data order).",
+        f"({scale.lr_warmup} warm-up steps, cosine), seed 0 for every run of sections 1-3 (same data order).",
         f"- Selection: rate {scale.rate} of each global batch. DISSect variants: {scale.snapshot_epoch} warm-up "
         "epochs on the full batch (`warmup_mode=full`), then select; the others select from step 0.",
         f"- Measured: val R@1 on {scale.val} clean pairs every {scale.eval_every} steps (binomial standard error "
@@ -773,20 +805,258 @@ def report(
     images: dict[str, str],
     command: str,
     meta: dict[str, str],
+    extra: dict[str, list[Run]],
 ) -> tuple[str, dict]:
     """The markdown page and its key numbers (written to the work dir as accuracy.json)."""
     probe_lines, probe = _probe_section(scale, runs[0], early, images["probe"])
     sweep_lines, sweep = _sweep_section(scale, runs, walls, groups, group_scores, images)
+    extra_lines, more = _extra_sections(scale, runs, extra, images["noise"])
     lines = [
         *_header(scale, meta, command),
         *probe_lines,
         *sweep_lines,
-        "Not covered here (time budget of `make bench`): noise 0% and 20%, rate 0.5, a one-pass regime, "
-        "and repeats over seeds. See `docs/method_findings.md` for what these numbers say.",
+        *extra_lines,
+        "See `docs/method_findings.md` for what these numbers say.",
         "",
     ]
-    summary = {"scale": dataclasses.asdict(scale), "probe": probe, **sweep, "meta": meta}
+    summary = {"scale": dataclasses.asdict(scale), "probe": probe, **sweep, **more, "meta": meta}
     return "\n".join(lines), summary
+
+
+def make_data(work: Path, scale: Scale, noise: float, train: int | None = None) -> Path:
+    """The synthetic set of this scale at ``noise`` (``train`` pairs if given); same
+    arguments, same bytes, so rewriting keeps reused runs valid."""
+    from dissect_ds.data.synthetic import write_synthetic
+
+    n = train or scale.train
+    data = work / f"data_n{round(noise * 100)}" if train is None else work / f"data_n{round(noise * 100)}_{n}"
+    write_synthetic(
+        str(data),
+        num_samples=n,
+        noise_rate=noise,
+        seed=0,
+        val_samples=scale.val,
+        shard_size=scale.shard_size if train is None else max(scale.shard_size, n // 8),
+        progress=False,
+    )
+    return data
+
+
+def run_extra(scale: Scale, data: Path, work: Path, reuse: bool) -> dict[str, list[Run]]:
+    """The runs beyond the main sweep, by group: ``noise`` (other noise levels, each with
+    its own ``none``), ``rate2``, ``seeds`` and ``onepass`` (one epoch over a larger set)."""
+    out: dict[str, list[Run]] = {"noise": [], "rate2": [], "seeds": [], "onepass": []}
+    for noise in scale.other_noises:
+        d = make_data(work, scale, noise)
+        for strategy in scale.noise_strategies:
+            name = f"n{round(noise * 100)}_{strategy}"
+            out["noise"].append(
+                read_run(train(name, d, work, run_overrides(scale, strategy, None, False), reuse), strategy)
+            )
+    for strategy in scale.rate2_strategies:
+        name = f"rate{round(scale.rate2 * 100)}_{strategy}"
+        overrides = run_overrides(scale, strategy, None, False, rate=scale.rate2)
+        out["rate2"].append(read_run(train(name, data, work, overrides, reuse), strategy))
+    for seed in scale.seeds:
+        for strategy in scale.seed_strategies:
+            overrides = run_overrides(scale, strategy, None, False, seed=seed)
+            out["seeds"].append(read_run(train(f"seed{seed}_{strategy}", data, work, overrides, reuse), strategy))
+    one = dataclasses.replace(scale, train=scale.onepass_train, epochs=1)
+    d = make_data(work, scale, scale.noise, train=scale.onepass_train)
+    for strategy in scale.onepass_strategies:
+        overrides = run_overrides(one, strategy, None, False)
+        out["onepass"].append(read_run(train(f"onepass_{strategy}", d, work, overrides, reuse), strategy))
+    return out
+
+
+def _row(run: Run, ref: Run | None, scale: Scale, label: str) -> tuple[list[str], dict]:
+    """One line of the extra tables: final and best mean R@1, zero-shot, clean precision,
+    backward samples, wall-clock, and the time to ``ref``'s final R@1 (None: no reference)."""
+    # `none` runs: without the shadow's diagnostic forwards (full-batch training needs none).
+    wall = run.wall(diagnostic_forwards=run.strategy != "none")
+    ref_wall = None if ref is None else float(ref.wall(diagnostic_forwards=False)[-1])
+    target = None if ref is None else ref.final["eval/mean_R@1"]
+    reached = None if target is None else time_to(run, target, wall)
+    best = max(run.evals, key=lambda m: m["eval/mean_R@1"]) if run.evals else run.final
+    selecting = run.strategy != "none"
+    values = {
+        "mean_R@1": run.final["eval/mean_R@1"],
+        "best_mean_R@1": best["eval/mean_R@1"],
+        "zeroshot_top1": run.final.get("eval/zeroshot_top1", math.nan),
+        "clean_precision": late_mean(run, "selection/clean_precision", scale) if selecting else None,
+        "backward_samples": int(run.steps[-1]["selected_seen"]),
+        "wall_s": float(wall[-1]),
+        "time_to_ref_final_s": reached[0] if reached else None,
+    }
+    when = "-" if ref is None or ref is run else "not reached"
+    if reached and ref is not run:
+        when = f"{reached[0]:.0f} s ({reached[0] / ref_wall:.2f}x)"
+    cells = [
+        label,
+        run.strategy,
+        f"**{_f(values['mean_R@1'])}**",
+        _f(values["best_mean_R@1"]),
+        _f(values["zeroshot_top1"]),
+        _f(values["clean_precision"]),
+        f"{values['backward_samples']:,}",
+        f"{values['wall_s']:.0f}",
+        when,
+    ]
+    return cells, values
+
+
+ROW_HEADER = [
+    "setting",
+    "strategy",
+    "final mean R@1",
+    "best mean R@1",
+    "zero-shot top-1",
+    "clean precision",
+    "backward samples",
+    "wall-clock (s)",
+    "time to full data's final",
+]
+
+
+def _spread(values: list[float | None], digits: int = 3) -> str:
+    """median [min-max] of the values that exist."""
+    v = sorted(x for x in values if x is not None and not math.isnan(x))
+    return "-" if not v else f"{np.median(v):.{digits}f} [{v[0]:.{digits}f}-{v[-1]:.{digits}f}]"
+
+
+def _extra_sections(scale: Scale, runs: list[Run], extra: dict[str, list[Run]], image: str) -> tuple[list[str], dict]:
+    """Sections 3-5: noise levels and rate 0.5, seeds, the one-pass regime."""
+    main = {r.strategy: r for r in runs}
+    pct = f"{scale.noise:.0%}"
+    rows, summary = [], {"noise_levels": {}, "rate2": {}, "seeds": {}, "onepass": {}}
+    by_noise: dict[float, dict[str, Run]] = {n: {} for n in scale.other_noises}
+    for run in extra["noise"]:
+        by_noise[float(run.name.split("_")[0][1:]) / 100][run.strategy] = run
+    for noise, group in sorted(by_noise.items()):
+        for strategy, run in group.items():
+            cells, values = _row(run, group.get("none"), scale, f"noise {noise:.0%}, rate {scale.rate}")
+            rows.append(cells)
+            summary["noise_levels"][f"{noise:.0%}/{strategy}"] = values
+    for strategy, run in main.items():
+        if strategy in scale.noise_strategies:
+            cells, _ = _row(run, main.get("none"), scale, f"noise {pct}, rate {scale.rate} (section 2)")
+            rows.append(cells)
+    for run in extra["rate2"]:
+        cells, values = _row(run, main.get("none"), scale, f"noise {pct}, rate {scale.rate2}")
+        rows.append(cells)
+        summary["rate2"][run.strategy] = values
+    lines = [
+        f"## 3. Noise 0-{pct} and rate {scale.rate2}",
+        "",
+        f"Same sizes, steps, evaluations and seed as section 2; noise {', '.join(f'{n:.0%}' for n in scale.other_noises)}"
+        f" for {', '.join(f'`{s}`' for s in scale.noise_strategies)} (each level has its own data set and its own "
+        f"full-data reference), and rate {scale.rate2} at {pct} noise for "
+        f"{', '.join(f'`{s}`' for s in scale.rate2_strategies)}. The {pct} rows at rate {scale.rate} repeat section 2. "
+        "Time to full data's final = wall-clock to reach the final mean R@1 of `none` at the same noise level "
+        "(ratio to its wall-clock).",
+        "",
+        *_table(ROW_HEADER, rows),
+        "",
+        f"![by noise level]({image})",
+        "",
+    ]
+    # Seeds: seed 0 is the main sweep's run.
+    seeded: dict[str, list[tuple[Run, Run | None]]] = {}
+    for strategy in scale.seed_strategies:
+        if strategy in main:
+            seeded[strategy] = [(main[strategy], main.get("none"))]
+    for run in extra["seeds"]:
+        seed = run.name.split("_")[0]
+        ref = next((r for r in extra["seeds"] if r.strategy == "none" and r.name.startswith(seed + "_")), None)
+        seeded.setdefault(run.strategy, []).append((run, ref))
+    seed_rows = []
+    for strategy, pairs in seeded.items():
+        vals = [_row(run, ref, scale, "")[1] for run, ref in pairs]
+        summary["seeds"][strategy] = vals
+        seed_rows.append(
+            [
+                strategy,
+                str(len(vals)),
+                _spread([v["mean_R@1"] for v in vals]),
+                _spread([v["zeroshot_top1"] for v in vals]),
+                _spread([v["clean_precision"] for v in vals]),
+                _spread([v["wall_s"] for v in vals], 0),
+                _spread([v["time_to_ref_final_s"] for v in vals], 0),
+            ]
+        )
+    lines += [
+        f"## 4. Repeats over seeds ({pct} noise, rate {scale.rate})",
+        "",
+        f"Seeds 0 (section 2) and {', '.join(map(str, scale.seeds))}: the seed sets the initial weights, the data "
+        "order and the selection's random tie-breaks; the data set is the same. Median [min-max] over the seeds; "
+        "time to full data's final uses the `none` run of the same seed as reference (seconds).",
+        "",
+        *_table(
+            [
+                "strategy",
+                "runs",
+                "final mean R@1",
+                "zero-shot top-1",
+                "clean precision",
+                "wall-clock (s)",
+                "time to full data's final (s)",
+            ],
+            seed_rows,
+        ),
+        "",
+    ]
+    one_ref = next((r for r in extra["onepass"] if r.strategy == "none"), None)
+    one = dataclasses.replace(scale, train=scale.onepass_train, epochs=1, last_epochs=1)
+    one_rows = []
+    for run in extra["onepass"]:
+        cells, values = _row(run, one_ref, one, "one pass")
+        one_rows.append(cells)
+        summary["onepass"][run.strategy] = values
+    lines += [
+        "## 5. One-pass regime",
+        "",
+        f"{scale.onepass_train:,} pairs at {pct} noise, one epoch ({scale.onepass_train // scale.batch} steps, batch "
+        f"{scale.batch}), rate {scale.rate}: no pair is seen twice, so noisy pairs cannot be memorised and the "
+        "warm-up/momentum memories are never hit (those variants are left out). `dissect_model` trains on the full "
+        f"batch for the first fifth of the steps, then compares against a live snapshot refreshed every fifth.",
+        "",
+        *_table(ROW_HEADER, one_rows),
+        "",
+    ]
+    return lines, summary
+
+
+def plot_noise(runs: list[Run], extra: dict[str, list[Run]], scale: Scale, path: Path) -> None:
+    """Final mean R@1 and clean precision against the noise level, per strategy."""
+    plt = _plt()
+    points: dict[str, list[tuple[float, Run]]] = {}
+    for run in runs:
+        if run.strategy in scale.noise_strategies:
+            points.setdefault(run.strategy, []).append((scale.noise, run))
+    for run in extra["noise"]:
+        points.setdefault(run.strategy, []).append((float(run.name.split("_")[0][1:]) / 100, run))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.3))
+    for strategy, pts in points.items():
+        pts.sort(key=lambda p: p[0])
+        x = [100 * n for n, _ in pts]
+        ax.plot(x, [r.final["eval/mean_R@1"] for _, r in pts], "-o", color=COLORS.get(strategy), label=strategy)
+        if strategy != "none":
+            prec = [late_mean(r, "selection/clean_precision", scale) for _, r in pts]
+            bx.plot(x, prec, "-o", color=COLORS.get(strategy), label=strategy)
+    noises = sorted({100 * n for pts in points.values() for n, _ in pts})
+    bx.plot(noises, [1 - n / 100 for n in noises], "k--", lw=0.8, label="random / full batch")
+    ax.set(xlabel="noise (% of train pairs with a wrong caption)", ylabel="final val R@1 (mean of both directions)")
+    bx.set(
+        xlabel="noise (% of train pairs with a wrong caption)", ylabel="clean share of selected pairs", ylim=(0, 1.02)
+    )
+    ax.set_title(f"Final accuracy, rate {scale.rate}, {scale.epochs} epochs")
+    bx.set_title(f"Clean precision, last {scale.last_epochs} epochs")
+    for a in (ax, bx):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- main
@@ -816,19 +1086,7 @@ def main(argv: list[str] | None = None) -> None:
     command = ".venv/bin/python -m benchmarks.accuracy" + (" --quick" if args.quick else "")
     command += f" --epochs {args.epochs}" if args.epochs else ""
 
-    from dissect_ds.data.synthetic import write_synthetic
-
-    data = work / f"data_n{round(scale.noise * 100)}"
-    # Same arguments, same bytes: rewriting keeps reused runs valid.
-    write_synthetic(
-        str(data),
-        num_samples=scale.train,
-        noise_rate=scale.noise,
-        seed=0,
-        val_samples=scale.val,
-        shard_size=scale.shard_size,
-        progress=False,
-    )
+    data = make_data(work, scale, scale.noise)
     print(f"accuracy benchmark ({'quick' if args.quick else 'full'}): {scale.steps} steps per run, work dir {work}")
     runs = []
     for strategy in scale.strategies:
@@ -840,6 +1098,8 @@ def main(argv: list[str] | None = None) -> None:
         overrides = run_overrides(scale, "none", scale.early_epoch, record=False, evaluate=False)
         early = read_run(train("none_early_snapshot", data, work, overrides, args.reuse), "none")
 
+    extra = run_extra(scale, data, work, args.reuse)
+
     walls = {r.name: r.wall(diagnostic_forwards=r.strategy != "none") for r in runs}
     difficulty = read_difficulty(data / "train")
     groups = {r.strategy: selection_by_group(r, difficulty, scale) for r in runs}
@@ -849,11 +1109,16 @@ def main(argv: list[str] | None = None) -> None:
         ("curves", lambda path: plot_curves(runs, walls, scale, path)),
         ("selection", lambda path: plot_selection(runs, groups, scale, path)),
         ("scores", lambda path: plot_scores(runs, scale, path)),
+        ("noise", lambda path: plot_noise(runs, extra, scale, path)),
     ):
         path = img_dir / f"accuracy_{key}.png"
         plot(path)
         images[key] = os.path.relpath(path, md_dir)
-    names = [r.name for r in runs] + (["none_early_snapshot"] if early else [])
+    names = (
+        [r.name for r in runs]
+        + (["none_early_snapshot"] if early else [])
+        + [r.name for g in extra.values() for r in g]
+    )
     launches = [json.loads(f.read_text()) for n in names if (f := work / f"{n}.launch.json").is_file()]
     loads = [x["load_end"] for x in launches if x.get("load_end") is not None]
     meta = {
@@ -865,7 +1130,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     epochs = sorted({1, scale.snapshot_epoch, scale.epochs})
     group_scores = {e: score_by_group(runs[0], difficulty, scale, e) for e in epochs}
-    text, summary = report(scale, runs, early, walls, groups, group_scores, images, command, meta)
+    text, summary = report(scale, runs, early, walls, groups, group_scores, images, command, meta, extra)
     (md_dir / "accuracy.md").write_text(text)
     (work / "accuracy.json").write_text(json.dumps(summary, indent=1, default=str))
     print(f"wrote {md_dir / 'accuracy.md'} and {len(images)} plots in {img_dir}")

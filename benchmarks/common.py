@@ -8,6 +8,7 @@ states the command reproducing it, the machine and the spread over repeats.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import math
@@ -330,3 +331,18 @@ NOISE_NOTE = (
     "The machine is shared: other jobs ran beside these measurements, so single runs vary by tens of "
     "percent; the spread (median [min–max]) over repeats shows how much."
 )
+
+
+def part_main(part: str, run, render, argv: list[str] | None, doc: str, quick_help: str):
+    """The command line of one perf part: ``--quick``, ``--out``, ``--work``; runs it, prints
+    its section and writes it into ``OUT/bench/perf.md``. Returns ``run``'s result."""
+    p = argparse.ArgumentParser(prog=f"python -m benchmarks.{part}", description=doc.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--out", type=Path, default=DOCS, help="docs directory (writes OUT/bench/perf.md)")
+    p.add_argument("--work", type=Path, default=WORK, help="scratch directory for data, runs and logs")
+    args = p.parse_args(argv)
+    result = run(args.quick, args.work)
+    text = render(result)
+    print(text)
+    write_section(args.out / "bench" / "perf.md", part, text)
+    return result

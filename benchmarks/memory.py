@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
@@ -281,16 +280,7 @@ def render(r: Result) -> str:
 
 
 def main(argv: list[str] | None = None) -> Result:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny run, ZeRO-2 only (smoke test)")
-    p.add_argument("--out", type=Path, default=c.DOCS, help="docs directory (writes OUT/bench/perf.md)")
-    p.add_argument("--work", type=Path, default=c.WORK, help="scratch directory for data, runs and logs")
-    args = p.parse_args(argv)
-    result = run(args.quick, args.work)
-    text = render(result)
-    print(text)
-    c.write_section(args.out / "bench" / "perf.md", "memory", text)
-    return result
+    return c.part_main("memory", run, render, argv, __doc__, "tiny run, ZeRO-2 only (smoke test)")
 
 
 if __name__ == "__main__":

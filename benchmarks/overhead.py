@@ -19,7 +19,6 @@ k = B, ``random`` f = 0, ``dissect_model`` f = 2 (current and historical model).
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import math
@@ -270,16 +269,7 @@ def _verdict(ok: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> Result:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat (smoke test)")
-    p.add_argument("--out", type=Path, default=c.DOCS, help="docs directory (writes OUT/bench/perf.md)")
-    p.add_argument("--work", type=Path, default=c.WORK, help="scratch directory for data, runs and logs")
-    args = p.parse_args(argv)
-    result = run(args.quick, args.work)
-    text = render(result)
-    print(text)
-    c.write_section(args.out / "bench" / "perf.md", "overhead", text)
-    return result
+    return c.part_main("overhead", run, render, argv, __doc__, "tiny sizes, 1 repeat (smoke test)")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ of ``docs/bench/perf.md``.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import re
 import shutil
@@ -51,7 +50,7 @@ TRAINERS = {
 }
 """What is compared. ZeRO-0 is there because it isolates what ZeRO-2's partitioned
 gradient reduction and parameter all-gather cost per step on this small model."""
-FULL = Setup(samples=4096, shard_size=512, batch=128, steps=20, skip=5, repeats=3, trainers=tuple(TRAINERS))
+FULL = Setup(samples=4096, shard_size=512, batch=128, steps=30, skip=5, repeats=5, trainers=tuple(TRAINERS))
 QUICK = Setup(samples=512, shard_size=128, batch=32, steps=6, skip=2, repeats=1, trainers=("ours", "open_clip"))
 
 
@@ -329,16 +328,7 @@ def render(r: Result) -> str:
 
 
 def main(argv: list[str] | None = None) -> Result:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat (smoke test)")
-    p.add_argument("--out", type=Path, default=c.DOCS, help="docs directory (writes OUT/bench/perf.md)")
-    p.add_argument("--work", type=Path, default=c.WORK, help="scratch directory for data, runs and logs")
-    args = p.parse_args(argv)
-    result = run(args.quick, args.work)
-    text = render(result)
-    print(text)
-    c.write_section(args.out / "bench" / "perf.md", "throughput", text)
-    return result
+    return c.part_main("throughput", run, render, argv, __doc__, "tiny sizes, 1 repeat (smoke test)")
 
 
 if __name__ == "__main__":

@@ -57,7 +57,8 @@ def env_from_launcher(environ: dict[str, str] | None = None) -> dict[str, str]:
     if "RANK" in env and "WORLD_SIZE" in env:
         out["RANK"], out["WORLD_SIZE"] = env["RANK"], env["WORLD_SIZE"]
         out["LOCAL_RANK"] = env.get("LOCAL_RANK", "0")
-        out["LOCAL_WORLD_SIZE"] = env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])
+        # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE.
+        out["LOCAL_WORLD_SIZE"] = env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", env["WORLD_SIZE"]))
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         out["RANK"], out["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
         out["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")

@@ -40,6 +40,10 @@ def init_distributed() -> D.DistInfo:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     if acc.device_name() != "cpu":
         acc.set_device(info.local_rank)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # torchrun sets 1 thread per rank; the deepspeed launcher, srun and mpirun leave torch
+        # one thread per core in every rank, and ranks sharing a node then oversubscribe it.
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // info.local_world_size))
     return info
 
 

@@ -103,6 +103,12 @@ def test_torch_style_variables_take_precedence_over_slurm(monkeypatch, tmp_path)
     assert (out["MASTER_ADDR"], out["MASTER_PORT"]) == ("h", "1234")
 
 
+def test_local_world_size_from_torchrun_or_the_deepspeed_launcher():
+    base = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}
+    assert env_from_launcher({**base, "LOCAL_WORLD_SIZE": "4"})["LOCAL_WORLD_SIZE"] == "4"  # torchrun
+    assert env_from_launcher({**base, "LOCAL_SIZE": "2"})["LOCAL_WORLD_SIZE"] == "2"  # deepspeed launcher
+
+
 def test_open_mpi_and_mpich_variables():
     ompi = env_from_launcher(
         {
