@@ -819,7 +819,8 @@ def report(
         *probe_lines,
         *sweep_lines,
         *extra_lines,
-        "See `docs/method_findings.md` for what these numbers say.",
+        "See `docs/method_findings.md` for what these numbers say, and `docs/bench/accuracy_large.md` for an "
+        "archived larger run (2,000 pairs, 40 epochs) whose model learns more.",
         "",
     ]
     summary = {"scale": dataclasses.asdict(scale), "probe": probe, **sweep, **more, "meta": meta}

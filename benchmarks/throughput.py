@@ -281,7 +281,7 @@ def breakdown(r: Result, trainer: str = "ours") -> str:
     return (
         f"Where the time goes ({TRAINERS[trainer].split(' (')[0]}, medians, ms): loop {loop:.0f} = engine "
         f"train step {train:.0f} + selection pass {sel:.0f} (`time/select`; `none` still gathers uids and noise "
-        f"flags and checks the mask) + first-collective wait {wait:.0f} + data {data:.0f} + the rest "
+        f"flags for the batch statistics) + first-collective wait {wait:.0f} + data {data:.0f} + the rest "
         f"{rest:.0f} (grad norm, metrics.jsonl and TensorBoard, the preemption all-reduce); open_clip_train's "
         f"whole step {part('open_clip', 'loop'):.0f}."
     )
