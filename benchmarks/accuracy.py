@@ -1079,16 +1079,32 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", type=Path, help="where data and training runs go")
     p.add_argument("--reuse", action="store_true", help="keep finished runs of the same config in the work dir")
     p.add_argument("--epochs", type=int, help=f"training epochs of every run (default {FULL.epochs})")
+    p.add_argument(
+        "--all-strategies",
+        action="store_true",
+        help="every strategy at every noise level and rate, seeds and one pass included (about 2.5x the "
+        "runs of the default, which fits make bench's hour)",
+    )
     args = p.parse_args(argv)
     scale = QUICK if args.quick else FULL
     if args.epochs:
         scale = dataclasses.replace(scale, epochs=args.epochs)
+    if args.all_strategies:
+        chosen = scale.strategies
+        scale = dataclasses.replace(
+            scale,
+            noise_strategies=chosen,
+            rate2_strategies=tuple(s for s in chosen if s != "none"),
+            seed_strategies=chosen,
+            onepass_strategies=tuple(s for s in chosen if s not in ("dissect_warmup", "dissect_momentum")),
+        )
     md_dir, img_dir = (args.out, args.out / "img") if args.out else (ROOT / "docs/bench", ROOT / "docs/img")
     work = args.work or (args.out / "work" if args.out else ROOT / "runs" / "bench_accuracy")
     for d in (md_dir, img_dir, work):
         d.mkdir(parents=True, exist_ok=True)
     command = ".venv/bin/python -m benchmarks.accuracy" + (" --quick" if args.quick else "")
     command += f" --epochs {args.epochs}" if args.epochs else ""
+    command += " --all-strategies" if args.all_strategies else ""
 
     data = make_data(work, scale, scale.noise)
     print(f"accuracy benchmark ({'quick' if args.quick else 'full'}): {scale.steps} steps per run, work dir {work}")
