@@ -1082,7 +1082,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--all-strategies",
         action="store_true",
-        help="every strategy at every noise level and rate, seeds and one pass included (about 2.5x the "
+        help="every strategy at every noise level and rate, seeds and one pass included (54 runs, twice the "
         "runs of the default, which fits make bench's hour)",
     )
     args = p.parse_args(argv)
