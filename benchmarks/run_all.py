@@ -57,14 +57,15 @@ def rebase_links(text: str, src_dir: Path, dst_dir: Path) -> str:
     return _LINK.sub(fix, text)
 
 
-def header() -> str:
+def header(took: str = "") -> str:
     return "\n".join(
         [
             "# Benchmarks",
             "",
             f"Generated on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by `make bench` "
             "(`.venv/bin/python -m benchmarks.run_all`; `--only PART` reruns one part). Each section names the "
-            "command that reproduces it and how long it took.",
+            "command that reproduces it and how long it took."
+            + (f" This run of the parts it lists: {took}." if took else ""),
             "",
             c.machine_line(),
         ]
@@ -82,9 +83,9 @@ def demote_headings(text: str) -> str:
     return "\n".join(lines)
 
 
-def assemble(out: Path) -> Path:
+def assemble(out: Path, took: str = "") -> Path:
     """Write ``out/benchmarks.md`` from the header and whichever parts exist."""
-    parts = [header()]
+    parts = [header(took)]
     for path in (out / "bench" / "perf.md", out / "bench" / "accuracy.md"):
         if path.exists():
             text = rebase_links(path.read_text().strip(), path.parent, out)
@@ -112,7 +113,8 @@ def run(quick: bool, only: tuple[str, ...], out: Path, work: Path) -> dict[str, 
             c.write_section(out / "bench" / "perf.md", name, text)
         durations[name] = time.perf_counter() - t0
     took = ", ".join(f"{name} {sec / 60:.1f} min" for name, sec in durations.items())
-    print(f"run_all: wrote {assemble(out)} ({took})", flush=True)
+    took = f"{sum(durations.values()) / 60:.1f} min ({took})"
+    print(f"run_all: wrote {assemble(out, took)} ({took})", flush=True)
     return results
 
 
