@@ -242,18 +242,16 @@ class Engine:
         finally:
             self.ds.train()
 
-    def train_step(self, batch, fallback, sizes: list[int] | None = None) -> dict[str, float]:
+    def train_step(self, batch, fallback, sizes: list[int]) -> dict[str, float]:
         """Forward/backward on this rank's selected rows ``batch`` (may be empty) and an
         optimizer step at the accumulation boundary. Returns global loss, lr, grad norm.
 
         A rank with no selected rows still runs forward/backward on one row of
         ``fallback`` with zero weight: ZeRO's gradient reduction and ZeRO-3's parameter
         gathering are collectives that every rank must join. ``sizes``: every rank's row
-        count, when the caller knows it (the selection does), saves a collective.
+        count (the selection knows it without a collective).
         """
         n = len(batch)
-        if sizes is None:
-            sizes = D.all_gather_sizes(n, device())
         assert sizes[self.info.rank] == n, f"train_step: {n} rows but sizes[{self.info.rank}] = {sizes[self.info.rank]}"
         image, text, scale = _encode(
             self.ds, batch if n else fallback.select(torch.arange(1)), self.cfg.train.max_logit_scale

@@ -29,8 +29,9 @@ class Selection:
 
     ``mask``: ``[b]`` bool on the selector's device, this rank's rows to train on (may be
     all False). ``num_selected``: the global count k. ``sizes``: every rank's number of
-    selected rows (the same list on every rank, known without a collective). ``metrics`` and ``histograms`` are
-    global, identical on every rank (histograms are ``[B]`` device tensors).
+    selected rows (the same list on every rank, known without a collective). ``metrics``
+    and ``histograms`` are global, identical on every rank (histograms are ``[B]`` device
+    tensors).
     """
 
     mask: torch.Tensor
@@ -69,7 +70,8 @@ class Selector:
     scores in one all-gather; get the historical scores (one all-reduce for the score
     memory, or the historical model's forward plus a gather); rank the global batch;
     check with one all-reduce that all ranks agree (unless every pair is kept). The loss
-    baselines gather the features and the per-sample losses too. All collectives are O(B) (features: O(B D)).
+    baselines gather the features and the per-sample losses too. All collectives are O(B)
+    (features: O(B D)).
     Every rank computes the same mask over the global batch, equal to what one process
     computes on the concatenated batch, and keeps its own rows.
 
@@ -181,7 +183,7 @@ class Selector:
         metrics.update(timings)
         metrics["time/select"] = time.perf_counter() - t_start - sum(timings.values())
         histograms = {f"selection/{k}": v for k, v in scores.items()}
-        selected = [int(mask[dist.local_slice(sb.sizes, r)].sum()) for r in range(len(sb.sizes))]
+        selected = torch.stack([m.sum() for m in mask.split(sb.sizes)]).tolist()  # one host sync
         return Selection(mask[rows], int(metrics["selected"]), selected, metrics, histograms)
 
     def _gather_batch(self, step: int, in_warmup: bool, batch, feats: Features | None) -> ScoredBatch:
