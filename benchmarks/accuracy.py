@@ -183,9 +183,6 @@ def run_overrides(
         "data.num_workers=1",
         f"selection.strategy={strategy}",
         f"selection.rate={1.0 if strategy == 'none' else rate}",
-        # DISSect as in METHOD.md's better probe variant: full-batch warm-up, then select.
-        # The other strategies select from step 0, as in that probe.
-        f"selection.warmup_epochs={scale.snapshot_epoch if dissect else 0}",
         "selection.warmup_mode=full",
         f"selection.record={str(record).lower()}",
     ]
@@ -195,6 +192,10 @@ def run_overrides(
         # (full-batch warm-up) and refreshed every fifth.
         fifth = max(1, scale.steps // 5)
         out += ["selection.warmup_epochs=0", f"selection.warmup_steps={fifth}", f"selection.refresh_steps={fifth}"]
+    else:
+        # DISSect as in METHOD.md's better probe variant: full-batch warm-up, then select.
+        # The other strategies select from step 0, as in that probe.
+        out.append(f"selection.warmup_epochs={scale.snapshot_epoch if dissect else 0}")
     if shadow_epoch is not None:
         # after_step(s) snapshots the weights after s + 1 updates: the end of that epoch.
         out += ["selection.shadow=true", f"selection.shadow_step={shadow_epoch * spe - 1}"]
@@ -874,27 +875,15 @@ def run_extra(scale: Scale, data: Path, work: Path, reuse: bool) -> dict[str, li
 
 
 def _row(run: Run, ref: Run | None, scale: Scale, label: str) -> tuple[list[str], dict]:
-    """One line of the extra tables: final and best mean R@1, zero-shot, clean precision,
-    backward samples, wall-clock, and the time to ``ref``'s final R@1 (None: no reference)."""
+    """One line of the extra tables: :func:`_strategy_row`'s values, timed against ``ref``'s
+    final mean R@1 (None: no reference)."""
     # `none` runs: without the shadow's diagnostic forwards (full-batch training needs none).
     wall = run.wall(diagnostic_forwards=run.strategy != "none")
-    ref_wall = None if ref is None else float(ref.wall(diagnostic_forwards=False)[-1])
-    target = None if ref is None else ref.final["eval/mean_R@1"]
-    reached = None if target is None else time_to(run, target, wall)
-    best = max(run.evals, key=lambda m: m["eval/mean_R@1"]) if run.evals else run.final
-    selecting = run.strategy != "none"
-    values = {
-        "mean_R@1": run.final["eval/mean_R@1"],
-        "best_mean_R@1": best["eval/mean_R@1"],
-        "zeroshot_top1": run.final.get("eval/zeroshot_top1", math.nan),
-        "clean_precision": late_mean(run, "selection/clean_precision", scale) if selecting else None,
-        "backward_samples": int(run.steps[-1]["selected_seen"]),
-        "wall_s": float(wall[-1]),
-        "time_to_ref_final_s": reached[0] if reached else None,
-    }
+    values = _strategy_row(run, wall, {} if ref is None else {"final": ref.final["eval/mean_R@1"]}, scale)
+    reached = values.setdefault("time_to_full_final_s", None)  # no reference: None
     when = "-" if ref is None or ref is run else "not reached"
-    if reached and ref is not run:
-        when = f"{reached[0]:.0f} s ({reached[0] / ref_wall:.2f}x)"
+    if reached is not None and ref is not run:
+        when = f"{reached:.0f} s ({reached / float(ref.wall(diagnostic_forwards=False)[-1]):.2f}x)"
     cells = [
         label,
         run.strategy,
@@ -907,6 +896,11 @@ def _row(run: Run, ref: Run | None, scale: Scale, label: str) -> tuple[list[str]
         when,
     ]
     return cells, values
+
+
+def _noise(run: Run) -> float:
+    """The noise level of a section-3 run, from its name ``n<percent>_<strategy>``."""
+    return float(run.name.split("_")[0][1:]) / 100
 
 
 ROW_HEADER = [
@@ -935,7 +929,7 @@ def _extra_sections(scale: Scale, runs: list[Run], extra: dict[str, list[Run]], 
     rows, summary = [], {"noise_levels": {}, "rate2": {}, "seeds": {}, "onepass": {}}
     by_noise: dict[float, dict[str, Run]] = {n: {} for n in scale.other_noises}
     for run in extra["noise"]:
-        by_noise[float(run.name.split("_")[0][1:]) / 100][run.strategy] = run
+        by_noise[_noise(run)][run.strategy] = run
     for noise, group in sorted(by_noise.items()):
         for strategy, run in group.items():
             cells, values = _row(run, group.get("none"), scale, f"noise {noise:.0%}, rate {scale.rate}")
@@ -985,7 +979,7 @@ def _extra_sections(scale: Scale, runs: list[Run], extra: dict[str, list[Run]], 
                 _spread([v["zeroshot_top1"] for v in vals]),
                 _spread([v["clean_precision"] for v in vals]),
                 _spread([v["wall_s"] for v in vals], 0),
-                _spread([v["time_to_ref_final_s"] for v in vals], 0),
+                _spread([v["time_to_full_final_s"] for v in vals], 0),
             ]
         )
     lines += [
@@ -1038,7 +1032,7 @@ def plot_noise(runs: list[Run], extra: dict[str, list[Run]], scale: Scale, path:
         if run.strategy in scale.noise_strategies:
             points.setdefault(run.strategy, []).append((scale.noise, run))
     for run in extra["noise"]:
-        points.setdefault(run.strategy, []).append((float(run.name.split("_")[0][1:]) / 100, run))
+        points.setdefault(run.strategy, []).append((_noise(run), run))
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.3))
     for strategy, pts in points.items():
         pts.sort(key=lambda p: p[0])
