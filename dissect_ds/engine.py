@@ -22,6 +22,10 @@ from dissect_ds.selection import Features
 NO_DECAY_KEYS = ("bn", "ln", "bias", "logit_scale")
 
 
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss, gradient norm or weights; the message is one line."""
+
+
 def init_distributed() -> D.DistInfo:
     """Map any launcher's environment to torch's and start the process group.
 
@@ -257,6 +261,10 @@ class Engine:
             self.ds, batch if n else fallback.select(torch.arange(1)), self.cfg.train.max_logit_scale
         )
         loss_bw, loss = contrastive_loss(image[:n], text[:n], scale, sizes, self.info.rank)
+        # ``loss`` is global (identical on every rank), so every rank stops here together, before
+        # a non-finite gradient reaches the weights.
+        if not torch.isfinite(loss):
+            raise Diverged(f"loss is {float(loss)}")
         if n == 0:
             loss_bw = loss_bw + 0.0 * (image.sum() + text.sum())
         self.ds.backward(loss_bw)
@@ -272,6 +280,24 @@ class Engine:
         norm = self.ds.get_global_grad_norm()
         return None if norm is None else float(norm)
 
+    def check_finite_step(self, grad_norm: float | None) -> None:
+        """Raise :class:`Diverged` when the last optimizer step applied a non-finite gradient.
+        Under fp16, DeepSpeed's dynamic loss scaler skips overflowing steps on its own (the
+        weights are untouched), so only fp32/bf16 steps count; the norm is global."""
+        if grad_norm is not None and not math.isfinite(grad_norm) and not self.ds.fp16_enabled():
+            raise Diverged(f"gradient norm is {grad_norm}")
+
+    @torch.no_grad()
+    def weights_finite(self) -> bool:
+        """Collective: True when every rank's (partition of the) weights is finite."""
+        ok = True
+        for p in self.ds.module.parameters():
+            local = getattr(p, "ds_tensor", p)  # ZeRO-3 keeps this rank's partition in ds_tensor
+            if local.numel() and not torch.isfinite(local).all():
+                ok = False
+                break
+        return bool(D.all_reduce(torch.tensor([int(ok)]), "min")[0])
+
     def historical_model(self) -> HistoricalModel:
         return HistoricalModel(self)
 
@@ -281,7 +307,9 @@ class Engine:
         """Write DeepSpeed's checkpoint plus one ``rank{R}.pt`` per rank under
         ``root/tag``; ``root/latest`` moves to ``tag`` only after every rank finished,
         then all but the newest ``keep`` tags are removed. A crash at any point leaves
-        ``latest`` on a complete checkpoint."""
+        ``latest`` on a complete checkpoint. Non-finite weights are never written."""
+        if not self.weights_finite():
+            raise Diverged("the weights hold NaN/inf")
         self.ds.save_checkpoint(str(root), tag=tag, save_latest=False)
         path = root / tag / f"rank{self.info.rank:05d}.pt"
         torch.save(rank_state, path.with_suffix(".tmp"))
@@ -307,6 +335,8 @@ class Engine:
 
     def export_open_clip(self, path: Path) -> None:
         """Write fp32 weights loadable by ``open_clip.create_model(name, pretrained=path)``."""
+        if not self.weights_finite():
+            raise Diverged("the weights hold NaN/inf")
         params = dict(self.ds.module.named_parameters())
         state = {}
         for name, value in self.ds.module.state_dict().items():

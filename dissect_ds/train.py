@@ -20,6 +20,8 @@ import torch
 from dissect_ds import config as C
 from dissect_ds import distributed as D
 
+EXIT_DIVERGED = 3  # a non-finite loss, gradient norm or weights stopped the run
+
 
 @dataclass
 class TrainState:
@@ -56,6 +58,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "selection.rate=0.3 deepspeed.zero_stage=3 resume=latest. Launch with deepspeed, torchrun, srun or mpirun.",
     )
     p.add_argument("--config", help="YAML run config (see configs/)")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the config and overrides for this launch's world size, print the resolved config, start nothing",
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # added by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     return p.parse_args(argv)
@@ -127,6 +134,8 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         from tqdm import tqdm
 
+        from dissect_ds.engine import Diverged
+
         cfg, state = self.cfg, self.state
         batches = iter(self.stream)
         bar = tqdm(
@@ -141,7 +150,10 @@ class Trainer:
         )
         while state.step < cfg.train.steps:
             t0 = time.perf_counter()
-            values = self.train_step(batches)
+            try:
+                values = self.train_step(batches)
+            except Diverged as e:
+                raise Diverged(f"step {state.step + 1}: {e}") from None
             values["time/step"] = time.perf_counter() - t0
             values["samples/s"] = cfg.train.batch_size / values["time/step"]
             state.step += 1
@@ -159,7 +171,10 @@ class Trainer:
             bar.set_postfix(loss=f"{values['loss']:.3f}", sel=values.get("selected"), refresh=False)
             preempted = self.preemption.agreed()
             if preempted or done or (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0):
-                self.save()
+                try:
+                    self.save()
+                except Diverged as e:
+                    raise Diverged(f"step {state.step}: {e}") from None
             if preempted:
                 self.on_preempted()
                 return {}
@@ -194,6 +209,7 @@ class Trainer:
         totals["selected"] = totals.get("selected", 0.0) * cfg.train.grad_accum
         totals.update(self.timer.pop())
         totals["grad_norm"] = self.engine.grad_norm()
+        self.engine.check_finite_step(totals["grad_norm"])
         totals["samples_seen"] = state.samples_seen
         totals["selected_seen"] = state.selected_seen
         totals["epoch"] = state.step / self.steps_per_epoch
@@ -252,18 +268,44 @@ class Trainer:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # DeepSpeed JIT-compiles its CPU comm op into TORCH_EXTENSIONS_DIR, by default one folder
+    # shared by every venv of the machine, where venvs rebuild over each other and wait on its
+    # lock: keep one cache per venv unless the user chose one.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     preemption = Preemption()  # before anything slow: USR1's default action kills the process
     world = int(D.env_from_launcher()["WORLD_SIZE"])
     cfg = C.load_or_exit(args.config, args.overrides, world_size=world)
-    from dissect_ds.engine import init_distributed
+    if args.check:
+        if D.env_from_launcher()["RANK"] == "0":
+            import yaml
+
+            print(yaml.safe_dump(C.to_dict(cfg), sort_keys=False), end="")
+            print(f"config ok for world size {world}: {cfg.run_dir}", file=sys.stderr)
+        return 0
+    from dissect_ds.engine import Diverged, init_distributed
 
     info = init_distributed()
     trainer = Trainer(cfg, info, preemption)
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Diverged as e:
+        # Every rank raises at the same step (the loss and gradient norm are global).
+        if info.is_main:
+            print(
+                f"error: training diverged at {e}; stopped without writing a checkpoint or "
+                f"export of it (lower train.lr, raise train.warmup_steps or set train.grad_clip, then "
+                f"resume=latest from the last good checkpoint)",
+                file=sys.stderr,
+                flush=True,
+            )
+        trainer.writer.close()
+        code = EXIT_DIVERGED
+    else:
+        code = 0
     D.barrier()
     if D.is_initialized():
         torch.distributed.destroy_process_group()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -196,3 +196,31 @@ def test_corrupt_samples_are_skipped_and_counted(synthetic, tmp_path):
     assert skipped >= 2 * broken * 0.9
     assert last["data/skipped_corrupt_image"] > 0 and last["data/skipped_missing_caption"] > 0
     assert last["data/skipped_bad_json"] > 0
+
+
+def test_divergence_stops_the_run_without_writing_bad_weights(synthetic, tmp_path):
+    proc = torchrun(
+        2,
+        [
+            *tiny_overrides(synthetic, tmp_path, "nan"),
+            "train.lr=1e4",
+            "train.steps=20",
+            "checkpoint.every_steps=1",
+            "checkpoint.keep=100",
+            "selection.strategy=none",
+        ],
+        check=False,
+    )
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: training diverged at step")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    step = int(errors[0].split("at step ")[1].split(":")[0])
+    assert step < 20
+    run = tmp_path / "nan"
+    assert not (run / "open_clip_model.pt").exists() and not (run / "eval.json").exists()
+    tags = sorted(p for p in (run / "checkpoints").iterdir() if p.is_dir())
+    assert len(tags) < step  # nothing at or after the diverged step
+    for tag in tags:
+        for f in tag.glob("*model_states.pt"):
+            module = torch.load(f, map_location="cpu", weights_only=False)["module"]
+            assert all(torch.isfinite(v).all() for v in module.values() if v.is_floating_point()), f
