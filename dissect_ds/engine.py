@@ -271,7 +271,7 @@ class Engine:
         if self.manual_clip and self.ds.is_gradient_accumulation_boundary():
             torch.nn.utils.clip_grad_norm_(self.ds.module.parameters(), self.cfg.train.grad_clip)
         # DeepSpeed 0.18.9 + torch 2.14 on CPU: ZeRO 1/2 step modifies a view in place
-        # unless autograd is off (see DESIGN.md).
+        # unless autograd is off (see docs/design.md).
         with torch.no_grad():
             self.ds.step()
         return {"loss": float(loss), "lr": float(self.ds.get_lr()[0]), "logit_scale": float(scale.detach())}

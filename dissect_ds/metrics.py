@@ -13,7 +13,7 @@ import torch
 class MetricsWriter:
     """Appends to ``<run_dir>/metrics.jsonl`` and ``<run_dir>/tensorboard/``.
 
-    A no-op on ranks other than 0. Keys are the contract names of DESIGN.md; TensorBoard
+    A no-op on ranks other than 0. Keys are the contract names of docs/design.md; TensorBoard
     groups them by the part before '/'. On resume, lines after the checkpointed step are
     dropped first so the file never holds a step twice.
     """
