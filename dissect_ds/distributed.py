@@ -12,6 +12,7 @@ import re
 import socket
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -137,6 +138,44 @@ def all_reduce(t: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
         if x is not t:
             t.copy_(x)
     return t
+
+
+_LAUNCHER = re.compile(r"deepspeed|torchrun|torch\.distributed\.(run|launch)")
+
+
+def _ppid(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2 :].split()[1])  # the name in (...) may hold spaces
+
+
+def launcher_chain() -> list[tuple[int, int]]:
+    """``(pid, parent pid)`` links from this process up to its outermost launcher ancestor
+    (deepspeed's runner and per-node launcher, torchrun); [] without one or without /proc."""
+    links, pid, top = [], os.getpid(), 0
+    try:
+        while pid > 1 and len(links) < 32:
+            parent = _ppid(pid)
+            links.append((pid, parent))
+            cmd = Path(f"/proc/{parent}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if _LAUNCHER.search(cmd):
+                top = len(links)
+            pid = parent
+    except (OSError, ValueError):
+        pass
+    return links[:top]
+
+
+def launcher_alive(chain: list[tuple[int, int]]) -> bool:
+    """False once any launcher of :func:`launcher_chain` died: its child was re-parented."""
+    try:
+        return all(_ppid(pid) == parent for pid, parent in chain)
+    except (OSError, ValueError):
+        return False
+
+
+def all_ok(ok: bool, group=None) -> bool:
+    """True on every rank iff ``ok`` is True on every rank."""
+    return bool(all_reduce(torch.tensor([int(ok)]), "min", group)[0])
 
 
 def broadcast_object(obj, src: int = 0, group=None):

@@ -3,10 +3,8 @@ the host-resident historical model, and export to an open_clip state dict."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import deepspeed
@@ -296,42 +294,21 @@ class Engine:
             if local.numel() and not torch.isfinite(local).all():
                 ok = False
                 break
-        return bool(D.all_reduce(torch.tensor([int(ok)]), "min")[0])
+        return D.all_ok(ok)
 
     def historical_model(self) -> HistoricalModel:
         return HistoricalModel(self)
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self, root: Path, tag: str, rank_state: dict, keep: int) -> None:
-        """Write DeepSpeed's checkpoint plus one ``rank{R}.pt`` per rank under
-        ``root/tag``; ``root/latest`` moves to ``tag`` only after every rank finished,
-        then all but the newest ``keep`` tags are removed. A crash at any point leaves
-        ``latest`` on a complete checkpoint. Non-finite weights are never written."""
+    def save_checkpoint(self, root: Path, tag: str) -> None:
+        """DeepSpeed's own files for ``root/tag`` (collective); refuses non-finite weights."""
         if not self.weights_finite():
             raise Diverged("the weights hold NaN/inf")
         self.ds.save_checkpoint(str(root), tag=tag, save_latest=False)
-        path = root / tag / f"rank{self.info.rank:05d}.pt"
-        torch.save(rank_state, path.with_suffix(".tmp"))
-        os.replace(path.with_suffix(".tmp"), path)
-        D.barrier()
-        if self.info.is_main:
-            (root / tag / "complete.json").write_text(json.dumps({"world_size": self.info.world_size}))
-            tmp = root / "latest.tmp"
-            tmp.write_text(tag)
-            os.replace(tmp, root / "latest")
-            tags = sorted((p for p in root.iterdir() if (p / "complete.json").exists()), key=_tag_step)
-            for old in tags[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        D.barrier()
 
-    def load(self, path: Path) -> list[dict]:
-        """Load a checkpoint directory (``root/tag``); returns every rank's saved state,
-        in rank order, whatever the world size it was written with."""
-        root, tag = path.parent, path.name
+    def load_checkpoint(self, root: Path, tag: str) -> None:
         self.ds.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
-        files = sorted(path.glob("rank*.pt"))
-        return [torch.load(f, map_location="cpu", weights_only=False) for f in files]
 
     def export_open_clip(self, path: Path) -> None:
         """Write fp32 weights loadable by ``open_clip.create_model(name, pretrained=path)``."""
@@ -348,21 +325,3 @@ class Engine:
             torch.save(state, path.with_suffix(".tmp"))
             os.replace(path.with_suffix(".tmp"), path)
         D.barrier()
-
-
-def _tag_step(p: Path) -> int:
-    digits = "".join(c for c in p.name if c.isdigit())
-    return int(digits) if digits else -1
-
-
-def resolve_resume(cfg: Config) -> Path | None:
-    """The checkpoint directory to resume from, or None to start fresh."""
-    if not cfg.resume:
-        return None
-    if cfg.resume == "latest":
-        latest = cfg.run_dir / "checkpoints" / "latest"
-        if not latest.exists():
-            return None
-        return latest.parent / latest.read_text().strip()
-    p = Path(cfg.resume)
-    return p.parent / p.read_text().strip() if p.name == "latest" else p

@@ -17,8 +17,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from dissect_ds import checkpoint as ckpt
 from dissect_ds import config as C
 from dissect_ds import distributed as D
+from dissect_ds.rundir import RunDirBusy, RunLock
 
 EXIT_DIVERGED = 3  # a non-finite loss, gradient norm or weights stopped the run
 
@@ -31,14 +33,30 @@ class TrainState:
     samples_seen: int = 0
     selected_seen: int = 0
 
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+
+class TorchRNG:
+    """The CPU RNG as a checkpoint component (per rank: restored at the same world size)."""
+
+    def state_dict(self) -> torch.Tensor:
+        return torch.get_rng_state()
+
 
 class Preemption:
-    """SIGUSR1/SIGTERM set a flag; ranks agree on it at step boundaries (one all-reduce),
-    checkpoint, and exit. Under SLURM rank 0 then requeues the job."""
+    """SIGUSR1/SIGTERM, or the death of the launcher that started this rank, set a flag; ranks
+    agree on it at step boundaries (one all-reduce), checkpoint, and exit. Under SLURM rank 0
+    then requeues the job.
+
+    A launcher killed on its own (``timeout``, a container stop, ``kill`` of the deepspeed
+    runner) does not always take its ranks along; they would train on, holding accelerators,
+    with no checkpoint. Each rank therefore watches its launcher ancestors."""
 
     def __init__(self):
         self.flag = False
         self.requeue = False  # only USR1 (SLURM's warning) asks for a requeue; scancel sends TERM
+        self.launchers = D.launcher_chain()
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
@@ -47,6 +65,9 @@ class Preemption:
         self.requeue = self.requeue or signum == signal.SIGUSR1
 
     def agreed(self) -> bool:
+        if not self.flag and not D.launcher_alive(self.launchers):
+            print(f"rank {D.rank()}: the launcher exited; checkpointing and stopping", file=sys.stderr, flush=True)
+            self.flag = True
         return bool(D.all_reduce(torch.tensor([int(self.flag)]), "max")[0])
 
 
@@ -69,9 +90,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 class Trainer:
+    # How each checkpointed component survives a change of world size (see dissect_ds/checkpoint.py).
+    KINDS = {"train": ckpt.REPLICATED, "selection": ckpt.SHARDED, "data": ckpt.PER_RANK, "rng": ckpt.PER_RANK}
+
     def __init__(self, cfg: C.Config, info: D.DistInfo, preemption: Preemption | None = None):
         from dissect_ds.data import build_train_stream, dataset_size
-        from dissect_ds.engine import Engine, resolve_resume
+        from dissect_ds.engine import Engine
         from dissect_ds.metrics import MetricsWriter, StepTimer
         from dissect_ds.selection import Selector
 
@@ -95,16 +119,17 @@ class Trainer:
             make_historical=self.engine.historical_model,
         )
         self.state = TrainState()
-        data_state = None
-        resume = resolve_resume(cfg)
+        self.checkpoints = ckpt.Checkpoints(cfg, info.rank, info.world_size)
+        restored: dict = {}
+        resume = ckpt.resolve_resume(cfg)
         if resume is not None:
-            states = self.engine.load(resume)
-            mine = states[info.rank] if len(states) == info.world_size else states[0]
-            self.state = TrainState(**mine["train"])
-            data_state = mine["data"] if len(states) == info.world_size else None
-            self.selector.load_state_dict([s["selection"] for s in states])
-            if len(states) == info.world_size:
-                torch.set_rng_state(mine["rng"])
+            restored = self.checkpoints.restore(resume, self.engine, self.KINDS)
+            self.state = TrainState(**restored["train"])
+            self.selector.load_state_dict(restored["selection"])
+            if restored["rng"] is not None:
+                torch.set_rng_state(restored["rng"])
+        elif cfg.resume == "latest" and info.is_main:
+            print(f"resume=latest: no checkpoint in {self.run_dir / 'checkpoints'}, starting fresh", flush=True)
         self.stream = build_train_stream(
             cfg.data,
             seed=cfg.run.seed,
@@ -113,10 +138,12 @@ class Trainer:
             batch_size=self.micro_batch,
             preprocess=self.engine.preprocess_train,
             tokenizer=self.engine.tokenizer,
-            state=data_state,
+            state=restored.get("data"),
         )
         if info.is_main:
+            # config.yaml is the config of the latest start; every start's is kept beside it.
             C.dump(cfg, self.run_dir / "config.yaml")
+            C.dump(cfg, self.run_dir / "configs" / f"start_step{self.state.step:08d}.yaml")
         self.writer = MetricsWriter(
             self.run_dir, info.is_main, cfg.log.tensorboard, resume_step=self.state.step if resume else None
         )
@@ -246,16 +273,8 @@ class Trainer:
         return metrics
 
     def save(self) -> None:
-        rank_state = {
-            "train": asdict(self.state),
-            "data": self.stream.state_dict(),
-            "selection": self.selector.state_dict(),
-            "rng": torch.get_rng_state(),
-            "world_size": self.info.world_size,
-        }
-        self.engine.save(
-            self.run_dir / "checkpoints", f"step{self.state.step:08d}", rank_state, self.cfg.checkpoint.keep
-        )
+        components = {"train": self.state, "data": self.stream, "selection": self.selector, "rng": TorchRNG()}
+        self.checkpoints.save(self.state.step, self.engine, components)
 
     def on_preempted(self) -> None:
         self.writer.close()
@@ -282,6 +301,20 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(C.to_dict(cfg), sort_keys=False), end="")
             print(f"config ok for world size {world}: {cfg.run_dir}", file=sys.stderr)
         return 0
+    lock = RunLock(cfg.run_dir)
+    if D.env_from_launcher()["RANK"] == "0":
+        try:
+            lock.acquire()  # before the process group: a refused rank 0 makes its launcher stop the rest
+        except RunDirBusy as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
+    try:
+        return _train(cfg, preemption)
+    finally:
+        lock.release()
+
+
+def _train(cfg: C.Config, preemption: Preemption) -> int:
     from dissect_ds.engine import Diverged, init_distributed
 
     info = init_distributed()
@@ -300,6 +333,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         trainer.writer.close()
         code = EXIT_DIVERGED
+    except ckpt.CheckpointError as e:
+        if info.is_main:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        trainer.writer.close()
+        code = 1
     else:
         code = 0
     D.barrier()
