@@ -35,7 +35,8 @@ def differential(historical: torch.Tensor, current: torch.Tensor) -> torch.Tenso
 
     Large d: the pair's score rose *least* relative to history (kept by DISSect).
     Evaluated as (h_i - c_i) - (mean(h) - mean(c)) so pairs with h_i == c_i (e.g. no
-    history yet) get bitwise-equal d and are ordered by uid, not by rounding noise.
+    history yet) get bitwise-equal d, and the top-k breaks their tie at random instead of
+    by rounding noise.
     """
     return (historical - current) - (historical.mean() - current.mean())
 
@@ -81,17 +82,19 @@ def random_priority(seed: int, step: int, uids: torch.Tensor) -> torch.Tensor:
 
 
 def topk_mask(
-    priority: torch.Tensor, uids: torch.Tensor, k_per_group: torch.Tensor, group: torch.Tensor | None = None
+    priority: torch.Tensor, tiebreak: torch.Tensor, k_per_group: torch.Tensor, group: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Keep the ``k`` largest priorities of each group, ties broken by smaller uid.
+    """Keep the ``k`` largest priorities of each group, ties broken by the larger ``tiebreak``.
 
-    ``priority``: ``[B]`` float (no NaN), ``uids``: ``[B]`` int64, ``group``: ``[B]`` int64
-    group id in [0, G) (None: one group), ``k_per_group``: ``[G]`` int64. Returns a ``[B]``
-    bool mask. Equal (priority, uid) pairs keep their batch order, so the result is a
-    pure function of the inputs; three stable sorts, O(B log B), no Python loop.
+    ``priority``: ``[B]`` float (no NaN), ``tiebreak``: ``[B]`` float (the Selector passes
+    :func:`random_priority`, so tied pairs are kept in no particular uid order),
+    ``group``: ``[B]`` int64 group id in [0, G) (None: one group), ``k_per_group``: ``[G]``
+    int64. Returns a ``[B]`` bool mask. Equal (priority, tiebreak) pairs keep their batch
+    order, so the result is a pure function of the inputs; three stable sorts,
+    O(B log B), no Python loop.
     """
     n = priority.shape[0]
-    order = torch.argsort(uids, stable=True)
+    order = torch.argsort(-tiebreak, stable=True)
     order = order[torch.argsort(-priority[order], stable=True)]
     if group is None:
         group = torch.zeros(n, dtype=torch.long, device=priority.device)

@@ -237,14 +237,18 @@ class Selector:
         n = sb.uids.shape[0]
         if priority is None:
             return torch.ones(n, dtype=torch.bool, device=self.device)
+        # Exact ties are common (unseen pairs have h = c, so d is flat; so is the first step
+        # after a snapshot): break them by a per-(step, uid) draw, not by uid, which would
+        # keep the smallest uids of every such batch.
+        tiebreak = random_priority(self.seed, sb.step, sb.uids)
         if self.cfg.scope == "local":
             group = torch.repeat_interleave(
                 torch.arange(len(sb.sizes), device=self.device), torch.tensor(sb.sizes, device=self.device)
             )
             k = torch.tensor([_k(self.cfg.rate, s) for s in sb.sizes], dtype=torch.long)
-            return topk_mask(priority, sb.uids, k, group)
+            return topk_mask(priority, tiebreak, k, group)
         k = torch.tensor([_k(self.cfg.rate, n)], dtype=torch.long)
-        return topk_mask(priority, sb.uids, k)
+        return topk_mask(priority, tiebreak, k)
 
     # ---------------------------------------------------------------- schedule
     def after_step(self, step: int) -> None:

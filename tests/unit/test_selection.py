@@ -87,15 +87,17 @@ def test_warmup_length_steps_or_epochs_larger_wins():
 
 
 # ------------------------------------------------------------------ pure functions
-def test_topk_ties_broken_by_smaller_uid_and_groups():
-    uids = torch.tensor([9, 3, 7, 1, 5, 2])
+def test_topk_ties_broken_by_tiebreak_and_groups():
     prio = torch.tensor([1.0, 1.0, 2.0, 1.0, 1.0, 0.0])
-    mask = topk_mask(prio, uids, torch.tensor([3]))
-    assert mask.tolist() == [False, True, True, True, False, False]  # 7 (best), then uids 1, 3
+    tie = torch.tensor([0.1, 0.5, 0.0, 0.9, 0.3, 1.0])
+    mask = topk_mask(prio, tie, torch.tensor([3]))
+    assert mask.tolist() == [False, True, True, True, False, False]  # row 2 (best), then tiebreaks 0.9, 0.5
     group = torch.tensor([0, 0, 0, 1, 1, 1])
-    mask = topk_mask(prio, uids, torch.tensor([1, 2]), group)
+    mask = topk_mask(prio, tie, torch.tensor([1, 2]), group)
     assert mask.tolist() == [False, False, True, True, True, False]
-    assert not topk_mask(prio, uids, torch.tensor([0, 0]), group).any()
+    assert not topk_mask(prio, tie, torch.tensor([0, 0]), group).any()
+    # Equal (priority, tiebreak): batch order.
+    assert topk_mask(torch.zeros(4), torch.zeros(4), torch.tensor([2])).tolist() == [True, True, False, False]
 
 
 def test_random_priority_is_a_function_of_seed_step_and_uid():
@@ -160,13 +162,10 @@ def ref_dissect(kind: str, model: FakeClip, batches, cfg: SelectionConfig, warmu
         k = max(1, math.floor(cfg.rate * n))
         if step < warmup:
             p = random_priority(seed, step, uids_t).tolist()
-            keep = (
-                set(range(n))
-                if cfg.warmup_mode == "full"
-                else set(sorted(range(n), key=lambda i: (-p[i], uids[i]))[:k])
-            )
+            keep = set(range(n)) if cfg.warmup_mode == "full" else set(sorted(range(n), key=lambda i: -p[i])[:k])
         else:
-            keep = set(sorted(range(n), key=lambda i: (-d[i], uids[i]))[:k])
+            tie = random_priority(seed, step, uids_t).tolist()  # exact ties in d: a seeded draw
+            keep = set(sorted(range(n), key=lambda i: (-d[i], -tie[i]))[:k])
         masks.append([i in keep for i in range(n)])
         for i, u in enumerate(uids):
             if kind == "dissect_warmup" and step < warmup:
@@ -277,8 +276,9 @@ def test_dissect_model_snapshot_refresh_and_no_scoring_in_warmup():
         sel = run(selector, model, [uids], start=i)[0]
         c, h = clip_score(f.features(uids, i)), clip_score(f.features(uids, versions[-1]))
         d = ((h - c) - (h.mean() - c.mean())).tolist()
-        # Top 6 by d, ties by uid (at step 2 the snapshot *is* the current model: d == 0).
-        keep = sorted(range(B), key=lambda j: (-d[j], uids[j].item()))[:6]
+        # Top 6 by d, ties by the seeded draw (at step 2 the snapshot *is* the current model: d == 0).
+        tie = random_priority(7, i, uids).tolist()
+        keep = sorted(range(B), key=lambda j: (-d[j], -tie[j]))[:6]
         assert set(uids[sel.mask].tolist()) == set(uids[keep].tolist()), i
     assert len(hists) == 1 and versions == [2.0, 2.0, 2.0, 5.0, 5.0, 5.0]  # refreshed in after_step(4)
     assert hists[0].version == 8.0  # and in after_step(7)
@@ -399,3 +399,19 @@ def test_resume_continues_exactly(cfg):
     for a, b in zip(expected[4:], got):
         assert torch.equal(a.mask, b.mask)
         assert a.metrics.get("selection/historical_sel") == b.metrics.get("selection/historical_sel")
+
+
+# ------------------------------------------------------------------ ties
+def test_equal_priorities_select_without_regard_to_uid_order():
+    # Momentum without warm-up: every pair is unseen (h = c), so d ties exactly everywhere.
+    n, b, steps = 400, 40, 8
+    selector, model, _ = make(SelectionConfig(strategy="dissect_momentum", rate=0.3), num_uids=n)
+    model = FakeClip(n)
+    ranks = []
+    for step, uids in enumerate(torch.randperm(n, generator=torch.Generator().manual_seed(3)).view(-1, b)[:steps]):
+        sel = selector.select(step, FakeBatch(uids), model.encode)
+        assert sel.metrics["selection/differential_sel"] == sel.metrics["selection/differential_rej"]
+        rank_in_batch = torch.argsort(torch.argsort(uids)).float() / (b - 1)  # 0 = smallest uid
+        ranks.append(rank_in_batch[sel.mask])
+    # Smallest-uid selection would give about 0.14; a random 30% has mean 0.5 (sd about 0.02 here).
+    assert torch.cat(ranks).mean().item() == pytest.approx(0.5, abs=0.08)

@@ -17,6 +17,7 @@ import torch
 
 from dissect_ds import distributed as dist
 from dissect_ds.selection import SelectionConfig, Selector
+from dissect_ds.selection.scoring import random_priority
 from dissect_ds.selection.testing import FakeBatch, FakeClip, FakeHistorical
 from tests.multiproc import run_ranks
 
@@ -196,11 +197,11 @@ def test_local_scope_is_per_rank_topk(runs, world):
     batches = global_batches("local_scope")
     for step in range(STEPS):
         current = runs[world][0]["local_scope"]["current"][step].tolist()
-        uids = batches[step].tolist()
+        tie = random_priority(11, step, batches[step]).tolist()  # the Selector's tie-break draw
         for rank in range(world):
             rows = range(*dist.local_slice(sizes, rank).indices(12))
             k = max(1, int(0.4 * sizes[rank]))
-            keep = sorted(rows, key=lambda i: (-current[i], uids[i]))[:k]
+            keep = sorted(rows, key=lambda i: (-current[i], -tie[i]))[:k]
             want = [i in keep for i in rows]
             assert runs[world][rank]["local_scope"]["masks"][step].tolist() == want, (step, rank)
 
