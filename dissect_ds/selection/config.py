@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 SCOPES = ("global", "local")
 WARMUP_MODES = ("random", "full")
-HISTORY_DTYPES = ("float16", "float32")
+HISTORY_DTYPES = ("auto", "float16", "float32")
 
 
 @dataclass
@@ -40,8 +40,11 @@ class SelectionConfig:
     step after the snapshot (w_h <- decay * w_h + (1 - decay) * w)."""
     cache_hist_scores: bool = False
     """dissect_model: score each uid once per snapshot; kept in the sharded score memory."""
-    history_dtype: str = "float16"
-    """float16|float32: element type of the score memory (scores lie in [0, 100])."""
+    history_dtype: str = "auto"
+    """auto|float16|float32: element type of the score memory (scores lie in [0, 100]).
+    auto: float32 for dissect_momentum, whose EMA increments (1 - beta) * (c - h) fall below
+    half a float16 ulp (0.03 at scores 64-100) and would be lost; float16 (2 bytes per uid)
+    for the stored-once scores of dissect_warmup and of dissect_model's cache."""
     record: bool = False
     """Each rank appends <run_dir>/selection/rank{R}.jsonl, one line per scored pair."""
     shadow: bool = False

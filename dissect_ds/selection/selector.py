@@ -108,8 +108,9 @@ class Selector:
         self.device, self.seed = torch.device(device), int(seed)
         self.warmup_length = cfg.warmup_length(steps_per_epoch)
         cls = STRATEGIES[cfg.strategy]
+        self.history_dtype = cls.history_dtype(cfg)
         memory = (
-            ScoreMemory(num_uids, rank, world_size, cfg.history_dtype, self.device) if cls.needs_memory(cfg) else None
+            ScoreMemory(num_uids, rank, world_size, self.history_dtype, self.device) if cls.needs_memory(cfg) else None
         )
         snapshot = None
         if cls.needs_snapshot(cfg):
@@ -284,7 +285,7 @@ class Selector:
             "world_size": self.world_size,
             "rank": self.rank,
             "num_uids": self.num_uids,
-            "history_dtype": self.cfg.history_dtype,
+            "history_dtype": self.history_dtype,
             "memory": self.memory.state_dict() if self.memory is not None else None,
             "strategy_state": self.strategy.state_dict(),
             "shadow": self.shadow.state_dict() if self.shadow is not None else None,

@@ -61,6 +61,8 @@ class Strategy:
     """During warm-up the Selector trains on a random/full subset instead of asking."""
     own_keys: ClassVar[dict[str, object]] = {}
     """Config keys (with their defaults) that only this strategy reads."""
+    auto_history_dtype: ClassVar[str] = "float16"
+    """What ``history_dtype: auto`` means for the score memory, where there is one."""
 
     def __init__(self, cfg: SelectionConfig, memory: ScoreMemory | None, snapshot: LiveSnapshot | None) -> None:
         self.cfg, self.memory, self.snapshot = cfg, memory, snapshot
@@ -85,6 +87,11 @@ class Strategy:
     def needs_memory(cls, cfg: SelectionConfig) -> bool:
         """Whether a per-uid :class:`ScoreMemory` is allocated."""
         return False
+
+    @classmethod
+    def history_dtype(cls, cfg: SelectionConfig) -> str:
+        """The score memory's element type: ``cfg.history_dtype`` with ``auto`` resolved."""
+        return cls.auto_history_dtype if cfg.history_dtype == "auto" else cfg.history_dtype
 
     @classmethod
     def needs_snapshot(cls, cfg: SelectionConfig) -> bool:
@@ -236,6 +243,8 @@ class DissectMomentum(_MemoryHistory):
     """
 
     name = "dissect_momentum"
+    # h moves by (1 - beta) * (c - h) per visit, e.g. 0.01: lost in float16 at scores >= 64.
+    auto_history_dtype = "float32"
 
     def update(self, sb: ScoredBatch, mask: torch.Tensor) -> None:
         beta = self.cfg.beta

@@ -206,7 +206,7 @@ def test_momentum_first_visit_is_the_current_score():
     uids = global_batches(1)[0]
     sel = run(selector, model, [uids])[0]
     c = clip_score(FakeClip(N, noisy=noisy_of(torch.arange(N))).features(uids, 0))
-    torch.testing.assert_close(selector.memory.lookup(uids), c.half().float())
+    torch.testing.assert_close(selector.memory.lookup(uids), c)  # float32 memory
     # Before the update h == c for every pair: the differential is exactly flat.
     assert sel.metrics["selection/differential_sel"] == sel.metrics["selection/differential_rej"] == 0.0
 
@@ -349,11 +349,14 @@ def test_record_writes_one_line_per_pair(tmp_path):
 
 # ------------------------------------------------------------------ state
 def test_history_bytes_is_two_bytes_per_owned_uid():
+    cfg = SelectionConfig(strategy="dissect_warmup", warmup_steps=1)
     for w in (1, 2, 3):
-        sel, _, _ = make(SelectionConfig(strategy="dissect_momentum"), num_uids=1001, world_size=w, rank=w - 1)
+        sel, _, _ = make(cfg, num_uids=1001, world_size=w, rank=w - 1)
         assert sel.history_bytes() == 2 * math.ceil(1001 / w)
-    sel, _, _ = make(SelectionConfig(strategy="dissect_momentum", history_dtype="float32"))
+    sel, _, _ = make(SelectionConfig(strategy="dissect_warmup", warmup_steps=1, history_dtype="float32"))
     assert sel.history_bytes() == 4 * N
+    sel, _, _ = make(SelectionConfig(strategy="dissect_momentum", history_dtype="float16"))
+    assert sel.history_bytes() == 2 * N
 
 
 def test_memory_reshards_to_any_world_size():
@@ -415,3 +418,31 @@ def test_equal_priorities_select_without_regard_to_uid_order():
         ranks.append(rank_in_batch[sel.mask])
     # Smallest-uid selection would give about 0.14; a random 30% has mean 0.5 (sd about 0.02 here).
     assert torch.cat(ranks).mean().item() == pytest.approx(0.5, abs=0.08)
+
+
+# ------------------------------------------------------------------ history precision
+def scores_as_features(scores: torch.Tensor) -> Features:
+    """Features whose clip_score is ``scores`` ([b] in [0, 100]): text at angle acos(s / 100)."""
+    cos = (scores.double() / 100.0).clamp(-1.0, 1.0)
+    image = torch.zeros(scores.shape[0], 2, dtype=torch.float64)
+    image[:, 0] = 1.0
+    text = torch.stack([cos, (1.0 - cos * cos).sqrt()], dim=1)
+    return Features(image=image.float(), text=text.float(), logit_scale=20.0)
+
+
+def test_momentum_history_accumulates_small_increments_by_default():
+    # c = h + 0.1 at every visit moves h by 0.01 (beta 0.9): below half a float16 ulp at 64-100.
+    uids = torch.arange(4)
+    h_ref = torch.tensor([64.0, 75.0, 90.0, 95.0], dtype=torch.float64)
+    selector, _, _ = make(SelectionConfig(strategy="dissect_momentum", rate=0.5))
+    target = {"c": h_ref.clone()}  # first visit: h = c
+    for step in range(51):
+        selector.select(step, FakeBatch(uids), lambda batch: scores_as_features(target["c"]))
+        if step:
+            h_ref = 0.9 * h_ref + 0.1 * target["c"]
+        target["c"] = h_ref + 0.1
+    assert h_ref[0].item() == pytest.approx(64.5)
+    torch.testing.assert_close(selector.memory.lookup(uids).double(), h_ref, atol=1e-3, rtol=0)
+    assert selector.history_bytes() == 4 * N  # float32 for momentum
+    warm, _, _ = make(SelectionConfig(strategy="dissect_warmup", warmup_steps=1))
+    assert warm.history_bytes() == 2 * N  # a last-visit score: float16 keeps 2 bytes per uid
