@@ -14,7 +14,8 @@ HISTORY_DTYPES = ("auto", "float16", "float32")
 class SelectionConfig:
     """Which pairs of each global batch are trained on (YAML section ``selection``).
 
-    Steps are 0-based; step ``s`` is in warm-up iff ``s < warmup_length(steps_per_epoch)``.
+    Steps are 0-based optimizer steps (a step of ``train.grad_accum`` micro-batches counts
+    once); step ``s`` is in warm-up iff ``s < warmup_length(steps_per_epoch)``.
     During warm-up every strategy but ``none`` trains on a random ``rate`` subset
     (``warmup_mode: random``) or on the full batch (``full``).
     """

@@ -80,8 +80,14 @@ class Selector:
     first collective waiting for slower ranks (load skew the train step would otherwise
     absorb). Timing metrics are this rank's own, not global.
 
-    Collective contract: all ranks call :meth:`select` and :meth:`after_step` once per
-    step, :meth:`state_dict` and :meth:`load_state_dict` together. ``make_historical``
+    Steps are optimizer steps: warm-up length, snapshot, refresh, EMA and shadow schedules
+    count optimizer updates whatever ``train.grad_accum`` is. Under gradient accumulation
+    each micro-batch is selected on its own (``select(step, ..., micro=m)``), and
+    :meth:`after_step` runs once, after the step's optimizer update.
+
+    Collective contract: all ranks call :meth:`select` once per micro-batch and
+    :meth:`after_step` once per optimizer step, :meth:`state_dict` and
+    :meth:`load_state_dict` together. ``make_historical``
     (collective) builds the host-resident historical model, lazily, for ``dissect_model``
     and ``shadow``.
     """
@@ -135,8 +141,8 @@ class Selector:
         self.noise_auroc = NoiseAuroc()
 
     # ---------------------------------------------------------------- the step
-    def select(self, step: int, batch, encode: Callable[[object], Features]) -> Selection:
-        """Select this rank's rows of ``batch`` for ``step`` (collective).
+    def select(self, step: int, batch, encode: Callable[[object], Features], micro: int = 0) -> Selection:
+        """Select this rank's rows of ``batch``, micro-batch ``micro`` of optimizer step ``step`` (collective).
 
         ``batch`` has ``.uids`` (``[b]`` int64), ``.noisy`` (``[b]`` bool or None) and
         ``len()``; ``encode(batch)`` is the current model's no-grad inference-mode forward
@@ -152,7 +158,7 @@ class Selector:
             feats = encode(batch)
             sync(self.device)
             score_seconds = time.perf_counter() - t0
-        sb = self._gather_batch(step, in_warmup, batch, feats)
+        sb = self._gather_batch(step, micro, in_warmup, batch, feats)
         if feats is not None:
             sb.timings["time/score"] = score_seconds
         if with_loss:
@@ -162,14 +168,14 @@ class Selector:
             sb.set_historical(self.shadow.scores(batch, sb.uids, sb.sizes, step, sb.timings))
 
         if in_warmup and strategy.obeys_warmup:
-            priority = random_priority(self.seed, step, sb.uids) if cfg.warmup_mode == "random" else None
+            priority = random_priority(self.seed, step, sb.uids, micro) if cfg.warmup_mode == "random" else None
         else:
             priority = strategy.priority(sb)
         mask = self._topk(priority, sb)
         if priority is not None:
             # Cheap insurance: a rank that diverged would train on other pairs than its peers
             # think, and the gathered loss would silently mix two selections.
-            _check_same_on_all_ranks(mask, f"selection mask at step {step}")
+            _check_same_on_all_ranks(mask, f"selection mask at step {step} (micro-batch {micro})")
         strategy.update(sb, mask)
 
         rows = dist.local_slice(sb.sizes, self.rank)
@@ -187,7 +193,7 @@ class Selector:
         selected = torch.stack([m.sum() for m in mask.split(sb.sizes)]).tolist()  # one host sync
         return Selection(mask[rows], int(metrics["selected"]), selected, metrics, histograms)
 
-    def _gather_batch(self, step: int, in_warmup: bool, batch, feats: Features | None) -> ScoredBatch:
+    def _gather_batch(self, step: int, micro: int, in_warmup: bool, batch, feats: Features | None) -> ScoredBatch:
         """Gather uids, noise labels and (when scored) current scores in one all-gather.
 
         Packed as float64 columns ``[uid, noisy code, c]``: exact for uids < 2**53 and
@@ -213,6 +219,7 @@ class Selector:
                 raise ValueError(f"selection: uid out of range [0, {self.num_uids}): min {int(lo)}, max {int(hi)}")
         return ScoredBatch(
             step=step,
+            micro=micro,
             in_warmup=in_warmup,
             seed=self.seed,
             batch=batch,
@@ -241,7 +248,7 @@ class Selector:
         # Exact ties are common (unseen pairs have h = c, so d is flat; so is the first step
         # after a snapshot): break them by a per-(step, uid) draw, not by uid, which would
         # keep the smallest uids of every such batch.
-        tiebreak = random_priority(self.seed, sb.step, sb.uids)
+        tiebreak = random_priority(self.seed, sb.step, sb.uids, sb.micro)
         if self.cfg.scope == "local":
             group = torch.repeat_interleave(
                 torch.arange(len(sb.sizes), device=self.device), torch.tensor(sb.sizes, device=self.device)
@@ -253,7 +260,10 @@ class Selector:
 
     # ---------------------------------------------------------------- schedule
     def after_step(self, step: int) -> None:
-        """Snapshot at warm-up end, refresh or EMA update (collective; call every step)."""
+        """Snapshot at warm-up end, refresh or EMA update (collective).
+
+        Call once per optimizer step, after its update (i.e. after the last micro-batch).
+        """
         self.strategy.after_step(step)
         if self.shadow is not None:
             self.shadow.after_step(step)

@@ -28,7 +28,8 @@ class ScoredBatch:
     Tensors are global (rank order, identical on every rank) unless marked local.
     """
 
-    step: int
+    step: int  # optimizer step
+    micro: int  # micro-batch of the step (gradient accumulation)
     in_warmup: bool
     seed: int
     batch: object  # this rank's batch, for historical-model forwards
@@ -123,7 +124,7 @@ class Strategy:
         """Bookkeeping after the global ``mask`` ([B] bool) is chosen."""
 
     def after_step(self, step: int) -> None:
-        """After the optimizer update of ``step`` (collective where a model is involved)."""
+        """After the optimizer update of optimizer step ``step`` (collective where a model is involved)."""
         if self.snapshot is not None:
             self.snapshot.after_step(step)
 
@@ -148,7 +149,7 @@ class Random(Strategy):
     name = "random"
 
     def priority(self, sb: ScoredBatch) -> torch.Tensor:
-        return random_priority(sb.seed, sb.step, sb.uids)
+        return random_priority(sb.seed, sb.step, sb.uids, sb.micro)
 
 
 class ClipScore(Strategy):
