@@ -21,7 +21,8 @@ class SelectionConfig:
     """
 
     strategy: str = "none"
-    """none|random|big_loss|small_loss|clipscore|dissect_warmup|dissect_momentum|dissect_model"""
+    """none|random|big_loss|small_loss|current_score|dissect_warmup|dissect_momentum|dissect_model
+    (``clipscore``: deprecated alias of ``current_score``)."""
     rate: float = 1.0
     """In (0, 1]; k = max(1, floor(rate * B)) pairs of the global batch B are kept."""
     scope: str = "global"
@@ -50,7 +51,7 @@ class SelectionConfig:
     """Each rank appends <run_dir>/selection/rank{R}.jsonl, one line per scored pair."""
     shadow: bool = False
     """Compute the differential against a live snapshot without using it for selection
-    (strategies without a historical score of their own: none, random, *_loss, clipscore)."""
+    (strategies without a historical score of their own: none, random, *_loss, current_score)."""
     shadow_step: int = -1
     """The shadow snapshot is taken in ``after_step(shadow_step)``, i.e. holds the weights
     after ``shadow_step + 1`` updates. -1: at the end of warm-up, or the initial weights
@@ -64,10 +65,11 @@ class SelectionConfig:
 
     def validate(self) -> list[str]:
         """One line per problem, each naming the key and what is allowed; [] when valid."""
-        from dissect_ds.selection.strategies import STRATEGIES
+        from dissect_ds.selection.strategies import STRATEGIES, strategy_class
 
         errors: list[str] = []
-        if self.strategy not in STRATEGIES:
+        cls = strategy_class(self.strategy)
+        if cls is None:
             return [f"selection.strategy: {self.strategy!r} is not one of {'|'.join(STRATEGIES)}"]
         if not (0.0 < self.rate <= 1.0):
             errors.append(f"selection.rate: {self.rate} must be in (0, 1]")
@@ -89,5 +91,5 @@ class SelectionConfig:
             errors.append(f"selection.history_dtype: {self.history_dtype!r} is not one of {'|'.join(HISTORY_DTYPES)}")
         if self.shadow_step < -1:
             errors.append(f"selection.shadow_step: {self.shadow_step} must be >= 0, or -1 (end of warm-up)")
-        errors += STRATEGIES[self.strategy].validate(self)
+        errors += cls.validate(self)
         return errors

@@ -16,7 +16,7 @@ from dissect_ds.selection.diagnostics import NoiseAuroc, Recorder, score_vectors
 from dissect_ds.selection.historical import HistoricalModel, LiveSnapshot, sync
 from dissect_ds.selection.memory import ScoreMemory
 from dissect_ds.selection.scoring import Features, clip_score, per_sample_contrastive_loss, random_priority, topk_mask
-from dissect_ds.selection.strategies import STRATEGIES, ScoredBatch
+from dissect_ds.selection.strategies import ALIASES, ScoredBatch, strategy_class
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class Selector:
         self.cfg, self.num_uids, self.rank, self.world_size = cfg, int(num_uids), int(rank), int(world_size)
         self.device, self.seed = torch.device(device), int(seed)
         self.warmup_length = cfg.warmup_length(steps_per_epoch)
-        cls = STRATEGIES[cfg.strategy]
+        cls = strategy_class(cfg.strategy)
         self.history_dtype = cls.history_dtype(cfg)
         memory = (
             ScoreMemory(num_uids, rank, world_size, self.history_dtype, self.device) if cls.needs_memory(cfg) else None
@@ -291,7 +291,7 @@ class Selector:
         """
         return {
             "version": STATE_VERSION,
-            "strategy": self.cfg.strategy,
+            "strategy": self.strategy.name,
             "world_size": self.world_size,
             "rank": self.rank,
             "num_uids": self.num_uids,
@@ -314,13 +314,14 @@ class Selector:
         if self.memory is not None:
             saved = [s["memory"] for s in shards if s.get("memory") is not None]
             # Another strategy's memory means something else (e.g. cached snapshot scores).
-            if saved and shards[0].get("strategy") == self.cfg.strategy:
+            saved_strategy = shards[0].get("strategy")
+            if saved and ALIASES.get(saved_strategy, saved_strategy) == self.strategy.name:
                 self.memory.load_shards(saved)
             else:
                 log.warning(
                     "selection checkpoint has no %s score memory (saved: %s): history starts empty",
-                    self.cfg.strategy,
-                    shards[0].get("strategy"),
+                    self.strategy.name,
+                    saved_strategy,
                 )
         self.strategy.load_state_dict([s.get("strategy_state") or {} for s in shards])
         if self.shadow is not None:

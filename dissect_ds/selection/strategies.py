@@ -8,6 +8,7 @@ sees the *global* batch (the same on every rank) and must decide the same on eve
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -19,6 +20,8 @@ from dissect_ds.selection.scoring import Features, differential, random_priority
 
 if TYPE_CHECKING:
     from dissect_ds.selection.config import SelectionConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -152,10 +155,14 @@ class Random(Strategy):
         return random_priority(sb.seed, sb.step, sb.uids, sb.micro)
 
 
-class ClipScore(Strategy):
-    """``clipscore``: keep the highest current scores (the current model as its own oracle)."""
+class CurrentScore(Strategy):
+    """``current_score``: keep the highest current scores c, ranked by the model being trained.
 
-    name = "clipscore"
+    Not the paper's CLIPScore baseline, which scores pairs with a pretrained oracle model;
+    here the current model is its own oracle (formerly named ``clipscore``).
+    """
+
+    name = "current_score"
 
     def needs_current(self, in_warmup: bool) -> bool:
         return not in_warmup
@@ -293,6 +300,23 @@ class DissectModel(Differential):
 
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
-    for cls in (FullBatch, Random, BigLoss, SmallLoss, ClipScore, DissectWarmup, DissectMomentum, DissectModel)
+    for cls in (FullBatch, Random, BigLoss, SmallLoss, CurrentScore, DissectWarmup, DissectMomentum, DissectModel)
 }
 """``selection.strategy`` name -> class."""
+
+ALIASES: dict[str, str] = {"clipscore": "current_score"}
+"""Deprecated ``selection.strategy`` names -> their current names."""
+_warned: set[str] = set()
+
+
+def strategy_class(name: str) -> type[Strategy] | None:
+    """The strategy registered as ``name``, or under the deprecated alias ``name``; None if unknown.
+
+    An alias logs one deprecation line per process, however often a config is validated.
+    """
+    if name in ALIASES:
+        if name not in _warned:
+            _warned.add(name)
+            log.warning("selection.strategy: %r is deprecated, use %r (same behaviour)", name, ALIASES[name])
+        name = ALIASES[name]
+    return STRATEGIES.get(name)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -72,7 +74,9 @@ def test_config_defaults_valid_and_errors_name_the_key():
         assert any(e.startswith(f"selection.{key}:") for e in errors), (key, errors)
     assert all("\n" not in e for e in errors)
     assert SelectionConfig(strategy="dissect_warmup").validate()[0].startswith("selection.warmup_steps")
-    assert SelectionConfig(strategy="clipscore", refresh_steps=5).validate()[0].startswith("selection.refresh_steps")
+    assert (
+        SelectionConfig(strategy="current_score", refresh_steps=5).validate()[0].startswith("selection.refresh_steps")
+    )
     assert SelectionConfig(strategy="dissect_momentum", shadow=True).validate()[0].startswith("selection.shadow")
     assert SelectionConfig(strategy="nope").validate()[0].startswith("selection.strategy")
     with pytest.raises(ValueError, match="selection.rate"):
@@ -247,7 +251,7 @@ def test_random_ignores_warmup_mode_and_never_scores():
     assert not torch.equal(sels[0].mask, sels[1].mask)
 
 
-@pytest.mark.parametrize("name,sign", [("clipscore", None), ("big_loss", 1.0), ("small_loss", -1.0)])
+@pytest.mark.parametrize("name,sign", [("current_score", None), ("big_loss", 1.0), ("small_loss", -1.0)])
 def test_baselines_keep_the_extremes_of_their_signal(name, sign):
     selector, model, _ = make(SelectionConfig(strategy=name, rate=0.25, warmup_steps=1, warmup_mode="full"))
     uids = global_batches(2)
@@ -310,7 +314,7 @@ def test_shadow_logs_the_differential_without_changing_selection():
     assert "selection/historical_sel" in sels[2].metrics and hists[0].version == 2.0
     assert "selection/differential" in sels[4].histograms and sels[4].histograms["selection/differential"].shape == (B,)
     # shadow_step=-1 without warm-up: a snapshot of the initial weights, before step 0.
-    selector, model, hists = make(SelectionConfig(strategy="clipscore", rate=0.5, shadow=True))
+    selector, model, hists = make(SelectionConfig(strategy="current_score", rate=0.5, shadow=True))
     sel = run(selector, model, global_batches(1))[0]
     assert hists[0].version == 0.0 and sel.metrics["selection/differential_sel"] == pytest.approx(0.0, abs=1e-4)
 
@@ -319,7 +323,7 @@ def test_shadow_logs_the_differential_without_changing_selection():
 def test_metrics_noise_and_epoch_auroc():
     # Noisy captions are unrelated: current scores separate them; the differential vs a
     # snapshot sees noisy scores rise faster (FakeClip memorises them 4x faster).
-    cfg = SelectionConfig(strategy="clipscore", rate=0.5, shadow=True, shadow_step=0)
+    cfg = SelectionConfig(strategy="current_score", rate=0.5, shadow=True, shadow_step=0)
     selector, model, _ = make(cfg)
     batches = global_batches(6)
     sels = run(selector, model, batches)
@@ -335,7 +339,7 @@ def test_metrics_noise_and_epoch_auroc():
 
 
 def test_record_writes_one_line_per_pair(tmp_path):
-    selector, model, _ = make(SelectionConfig(strategy="clipscore", rate=0.5, record=True), run_dir=str(tmp_path))
+    selector, model, _ = make(SelectionConfig(strategy="current_score", rate=0.5, record=True), run_dir=str(tmp_path))
     batches = global_batches(2)
     sels = run(selector, model, batches)
     selector.epoch_end(0)
@@ -446,3 +450,26 @@ def test_momentum_history_accumulates_small_increments_by_default():
     assert selector.history_bytes() == 4 * N  # float32 for momentum
     warm, _, _ = make(SelectionConfig(strategy="dissect_warmup", warmup_steps=1))
     assert warm.history_bytes() == 2 * N  # a last-visit score: float16 keeps 2 bytes per uid
+
+
+# ------------------------------------------------------------------ names
+def test_clipscore_is_a_deprecated_alias_of_current_score():
+    assert "current_score" in STRATEGIES and "clipscore" not in STRATEGIES
+    cfg = SelectionConfig(strategy="clipscore", rate=0.5)
+    assert cfg.validate() == []
+    selector, model, _ = make(cfg)
+    assert type(selector.strategy) is STRATEGIES["current_score"]
+    assert selector.state_dict()["strategy"] == "current_score"
+    batches = global_batches(2)
+    new, m2, _ = make(SelectionConfig(strategy="current_score", rate=0.5))
+    for a, b in zip(run(selector, model, batches), run(new, m2, batches)):
+        assert torch.equal(a.mask, b.mask)
+    # One deprecation line per process, however often the config is validated.
+    code = (
+        "from dissect_ds.selection import SelectionConfig\n"
+        "cfg = SelectionConfig(strategy='clipscore')\n"
+        "assert cfg.validate() == [] and cfg.validate() == [] and cfg.validate() == []\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    lines = [x for x in (out.stdout + out.stderr).splitlines() if "clipscore" in x]
+    assert len(lines) == 1 and "deprecated" in lines[0] and "current_score" in lines[0], out.stderr

@@ -29,7 +29,7 @@ BAD = torch.arange(N) >= 20  # pairs with score 0 (text = -image), used by "zero
 
 SCENARIOS: dict[str, dict] = {
     "random": {"strategy": "random", "rate": 0.4},
-    "clipscore": {"strategy": "clipscore", "rate": 0.4, "warmup_steps": 1},
+    "current_score": {"strategy": "current_score", "rate": 0.4, "warmup_steps": 1},
     "big_loss": {"strategy": "big_loss", "rate": 0.4},
     "small_loss": {"strategy": "small_loss", "rate": 0.4, "warmup_steps": 1, "warmup_mode": "full"},
     "warmup": {"strategy": "dissect_warmup", "rate": 0.4, "warmup_steps": 3},
@@ -51,8 +51,8 @@ SCENARIOS: dict[str, dict] = {
         "cache_hist_scores": True,
     },
     "none_shadow_record": {"strategy": "none", "shadow": True, "warmup_steps": 2, "record": True},
-    "local_scope": {"strategy": "clipscore", "rate": 0.4, "scope": "local"},
-    "zero_selected": {"strategy": "clipscore", "rate": 0.5},
+    "local_scope": {"strategy": "current_score", "rate": 0.4, "scope": "local"},
+    "zero_selected": {"strategy": "current_score", "rate": 0.5},
     "zero_rows": {"strategy": "dissect_momentum", "rate": 0.4},
 }
 SCENARIO_SIZES = {
