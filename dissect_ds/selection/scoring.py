@@ -110,27 +110,42 @@ def topk_mask(
     return mask
 
 
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of ``x`` (``[n]``), ties sharing their average rank: ``[n]`` float64."""
+    x = x.double().flatten()
+    sorted_x, order = torch.sort(x)
+    _, inverse, counts = torch.unique_consecutive(sorted_x, return_inverse=True, return_counts=True)
+    # Average 1-based rank of each run of ties: first rank + (count - 1) / 2.
+    first = torch.cumsum(counts, 0) - counts + 1
+    ranks = torch.empty_like(x)
+    ranks[order] = (first.double() + (counts.double() - 1) / 2)[inverse]
+    return ranks
+
+
 def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
     """Area under the ROC curve of ``scores`` (higher = positive) for ``positive`` labels.
 
     Rank-based (Mann-Whitney U) with average ranks for ties; ``[n]`` float, ``[n]`` bool.
     NaN when either class is empty.
     """
-    scores = scores.double().flatten()
     positive = positive.flatten().bool()
     n_pos = int(positive.sum())
     n_neg = positive.numel() - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    sorted_scores, order = torch.sort(scores)
-    _, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
-    # Average 1-based rank of each run of ties: first rank + (count - 1) / 2.
-    first = torch.cumsum(counts, 0) - counts + 1
-    avg_rank = (first.double() + (counts.double() - 1) / 2)[inverse]
-    ranks = torch.empty_like(avg_rank)
-    ranks[order] = avg_rank
-    u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2
+    u = average_ranks(scores)[positive].sum() - n_pos * (n_pos + 1) / 2
     return float(u / (n_pos * n_neg))
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation of ``[n]`` and ``[n]`` (average ranks for ties): a float64 scalar.
+
+    NaN when either side is constant (e.g. a flat differential). Stays on the device, so
+    the caller decides when to sync.
+    """
+    ra, rb = average_ranks(a), average_ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return (ra * rb).sum() / ((ra * ra).sum() * (rb * rb).sum()).sqrt()
 
 
 def last_occurrence(uids: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 
 from dissect_ds import distributed as dist
 from dissect_ds.selection.config import SelectionConfig
-from dissect_ds.selection.diagnostics import NoiseAuroc, Recorder, score_vectors, step_metrics
+from dissect_ds.selection.diagnostics import EarlySnapshotAlarm, NoiseAuroc, Recorder, score_vectors, step_metrics
 from dissect_ds.selection.historical import HistoricalModel, LiveSnapshot, sync
 from dissect_ds.selection.memory import ScoreMemory
 from dissect_ds.selection.scoring import Features, clip_score, per_sample_contrastive_loss, random_priority, topk_mask
@@ -74,6 +74,8 @@ class Selector:
     (features: O(B D)).
     Every rank computes the same mask over the global batch, equal to what one process
     computes on the concatenated batch, and keeps its own rows.
+    After warm-up, a strategy that ranks by the differential warns on rank 0 when d ranks
+    against the current score (:class:`~dissect_ds.selection.diagnostics.EarlySnapshotAlarm`).
 
     ``time/select`` is the step's wall time minus the scoring forwards (``time/score``,
     ``time/score_hist``) and minus ``time/select_wait``, the time spent in the step's
@@ -139,6 +141,8 @@ class Selector:
         if cfg.record and run_dir is None:
             log.warning("selection.record is set but no run_dir was given: not recording")
         self.noise_auroc = NoiseAuroc()
+        # Only where selection follows the differential, and one warning line: rank 0.
+        self.alarm = EarlySnapshotAlarm() if rank == 0 and cls.has_historical() else None
 
     # ---------------------------------------------------------------- the step
     def select(self, step: int, batch, encode: Callable[[object], Features], micro: int = 0) -> Selection:
@@ -183,6 +187,8 @@ class Selector:
         metrics = step_metrics(sb, mask, scores)
         if self.rank == 0:
             self.noise_auroc.add(sb)
+        if self.alarm is not None and not in_warmup:
+            self.alarm.add(step, metrics)
         if self.recorder is not None:
             self.recorder.write(sb, rows, mask)
         # Always present (0 without a forward) so every metrics line has the same timing keys.
