@@ -26,7 +26,7 @@ class Features:
 
 
 def clip_score(f: Features) -> torch.Tensor:
-    """s(i) = max(0, 100 * cos(img_i, txt_i)): ``[b]`` float32 (METHOD.md's correlation)."""
+    """s(i) = max(0, 100 * cos(img_i, txt_i)): ``[b]`` float32 (the correlation of docs/method.md)."""
     return (100.0 * (f.image.float() * f.text.float()).sum(dim=-1)).clamp_min(0.0)
 
 

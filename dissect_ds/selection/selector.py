@@ -1,4 +1,4 @@
-"""The selection step of DESIGN.md: score, look up history, pick the global top-k, log."""
+"""The selection step (docs/design.md): score, look up history, pick the global top-k, log."""
 
 from __future__ import annotations
 

@@ -143,7 +143,7 @@ def test_per_sample_loss_matches_open_clip_and_local_rows_map_to_global():
     torch.testing.assert_close(got.mean(), loss_fn(img, txt, scale))
 
 
-# ------------------------------------------------------------------ reference (METHOD.md, plain Python)
+# ------------------------------------------------------------------ reference (docs/method.md, plain Python)
 def ref_score(model: FakeClip, uid: int, version: float) -> float:
     f = model.features(torch.tensor([uid]), version)
     a, b = f.image[0].double().tolist(), f.text[0].double().tolist()
@@ -152,7 +152,7 @@ def ref_score(model: FakeClip, uid: int, version: float) -> float:
 
 
 def ref_dissect(kind: str, model: FakeClip, batches, cfg: SelectionConfig, warmup: int, seed: int):
-    """DISSect warm-up / momentum straight from METHOD.md, one pair at a time."""
+    """DISSect warm-up / momentum straight from the definitions in docs/method.md, one pair at a time."""
     as_dtype = {"float16": torch.float16, "float32": torch.float32}[cfg.history_dtype]
     rnd = lambda x: torch.tensor(x, dtype=as_dtype).item()  # noqa: E731 - the memory's rounding
     hist: dict[int, float] = {}
