@@ -114,7 +114,7 @@ class Trainer:
             world_size=info.world_size,
             device=self.engine_device(),
             seed=cfg.run.seed,
-            steps_per_epoch=self.steps_per_epoch * t.grad_accum,
+            steps_per_epoch=self.steps_per_epoch,
             run_dir=str(self.run_dir),
             make_historical=self.engine.historical_model,
         )
@@ -221,18 +221,20 @@ class Trainer:
         for micro in range(cfg.train.grad_accum):
             with self.timer("data"):
                 batch = next(batches)
-            step_id = state.step * cfg.train.grad_accum + micro
-            selection = self.selector.select(step_id, batch, self.engine.encode)
+            selection = self.selector.select(state.step, batch, self.engine.encode, micro=micro)
             with self.timer("train"):
                 out = self.engine.train_step(batch.select(selection.mask), fallback=batch, sizes=selection.sizes)
-            self.selector.after_step(step_id)
             for k, v in {**out, **selection.metrics}.items():
                 totals[k] = totals.get(k, 0.0) + v / cfg.train.grad_accum
-            if self.info.is_main and cfg.log.histograms_every_steps and step_id % cfg.log.histograms_every_steps == 0:
+            every = cfg.log.histograms_every_steps
+            if self.info.is_main and every and micro == 0 and state.step % every == 0:
                 for name, values in selection.histograms.items():
                     self.writer.histogram(state.step, name, values)
             state.samples_seen += cfg.train.batch_size // cfg.train.grad_accum
             state.selected_seen += selection.num_selected
+        # Once per optimizer step (the update ran in the last micro-batch's train_step):
+        # snapshot, refresh and EMA schedules count optimizer steps.
+        self.selector.after_step(state.step)
         totals["selected"] = totals.get("selected", 0.0) * cfg.train.grad_accum
         totals.update(self.timer.pop())
         totals["grad_norm"] = self.engine.grad_norm()
