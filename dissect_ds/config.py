@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from dissect_ds.data import DataConfig, validate_spec
+from dissect_ds.data import DataConfig, SpecError, dataset_size, validate_spec
 from dissect_ds.selection import SelectionConfig
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -296,6 +296,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             err = validate_spec(spec)
             if err:
                 raise ConfigError(err if err.startswith(key) else f"{key}: {err}")
+    try:
+        dataset_size(cfg.data.train)  # counts samples and the uid range (cached for the trainer)
+    except SpecError as e:
+        raise ConfigError(str(e)) from None
     ds = load_ds_json(cfg)
     bf16 = ds.get("bf16", {}).get("enabled", False) if cfg.deepspeed.bf16 is None else cfg.deepspeed.bf16
     fp16 = ds.get("fp16", {}).get("enabled", False) if cfg.deepspeed.fp16 is None else cfg.deepspeed.fp16

@@ -255,6 +255,8 @@ class Trainer:
     def log_line(self, v: dict) -> str:
         parts = [f"step {self.state.step}/{self.cfg.train.steps}", f"loss {v['loss']:.4f}", f"lr {v['lr']:.2e}"]
         parts.append(f"selected {int(v.get('selected', 0))}/{self.cfg.train.batch_size}")
+        if "selection/rank_corr_d_c" in v:  # label-free: strongly negative = keeps what the model scores worst
+            parts.append(f"corr(d,c) {v['selection/rank_corr_d_c']:+.2f}")
         if "selection/clean_precision" in v:
             parts.append(f"clean {v['selection/clean_precision']:.3f}")
         parts.append(f"{v['samples/s']:.0f} samples/s")
