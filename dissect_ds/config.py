@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from dissect_ds.data import DataConfig, SpecError, dataset_size, validate_spec
+from dissect_ds.data import DataConfig
 from dissect_ds.selection import SelectionConfig
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -268,8 +268,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             cfg.deepspeed.zero_stage is None or cfg.deepspeed.zero_stage in (0, 1, 2, 3),
             f"deepspeed.zero_stage: must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}",
         ),
-        (cfg.data.num_workers >= 0, f"data.num_workers: must be >= 0, got {cfg.data.num_workers}"),
-        (cfg.data.shuffle_buffer >= 1, f"data.shuffle_buffer: must be >= 1, got {cfg.data.shuffle_buffer}"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -289,17 +287,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     errors = cfg.selection.validate()
     if errors:
         raise ConfigError(errors[0])
-    for key, spec in (("data.train", cfg.data.train), ("data.val", cfg.data.val)):
-        if key == "data.train" and not spec:
-            raise ConfigError("data.train: required (a prepared directory or a shard spec)")
-        if spec:
-            err = validate_spec(spec)
-            if err:
-                raise ConfigError(err if err.startswith(key) else f"{key}: {err}")
-    try:
-        dataset_size(cfg.data.train)  # counts samples and the uid range (cached for the trainer)
-    except SpecError as e:
-        raise ConfigError(str(e)) from None
+    err = cfg.data.validate()
+    if err:
+        raise ConfigError(err)
     ds = load_ds_json(cfg)
     bf16 = ds.get("bf16", {}).get("enabled", False) if cfg.deepspeed.bf16 is None else cfg.deepspeed.bf16
     fp16 = ds.get("fp16", {}).get("enabled", False) if cfg.deepspeed.fp16 is None else cfg.deepspeed.fp16
