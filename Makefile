@@ -30,7 +30,7 @@ $(DEMO_DATA)/train/info.json: | venv
 
 demo: venv $(DEMO_DATA)/train/info.json
 	rm -rf runs/demo
-	$(BIN)/deepspeed --num_gpus $(NPROC) --master_port $$($(BIN)/python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])') \
+	$(BIN)/deepspeed --num_gpus $(NPROC) --master_port $$($(BIN)/python -c 'from dissect_ds.distributed import free_port; print(free_port())') \
 		--module dissect_ds.train --config configs/demo.yaml
 	$(BIN)/python -m dissect_ds.summary runs/demo
 

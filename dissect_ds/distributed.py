@@ -30,7 +30,8 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a single-host rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -81,7 +82,7 @@ def env_from_launcher(environ: dict[str, str] | None = None) -> dict[str, str]:
     else:
         out.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         if "MASTER_PORT" not in env:
-            out["MASTER_PORT"] = str(_free_port())
+            out["MASTER_PORT"] = str(free_port())
     out.setdefault("MASTER_ADDR", env.get("MASTER_ADDR", "127.0.0.1"))
     out.setdefault("MASTER_PORT", env.get("MASTER_PORT", "29500"))
     return out
@@ -92,7 +93,7 @@ def mpi_master_port() -> str:
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
-    port = _free_port() if comm.Get_rank() == 0 else None
+    port = free_port() if comm.Get_rank() == 0 else None
     return str(comm.bcast(port, root=0))
 
 
@@ -178,22 +179,6 @@ def all_ok(ok: bool, group=None) -> bool:
     return bool(all_reduce(torch.tensor([int(ok)]), "min", group)[0])
 
 
-def broadcast_object(obj, src: int = 0, group=None):
-    if world_size(group) == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src, group=group)
-    return box[0]
-
-
-def all_gather_object(obj, group=None) -> list:
-    if world_size(group) == 1:
-        return [obj]
-    out = [None] * world_size(group)
-    dist.all_gather_object(out, obj, group=group)
-    return out
-
-
 def all_gather_sizes(n: int, device: torch.device | str, group=None) -> list[int]:
     """Row counts of every rank (one tiny all-gather)."""
     if world_size(group) == 1:
@@ -255,16 +240,3 @@ def local_slice(sizes: list[int], rank_: int) -> slice:
     """Rows of ``rank_`` inside a tensor gathered with ``sizes``."""
     start = sum(sizes[:rank_])
     return slice(start, start + sizes[rank_])
-
-
-def assert_same_on_all_ranks(t: torch.Tensor, what: str, group=None) -> None:
-    """Raise if ``t`` differs between ranks (compares max and min of a checksum)."""
-    if world_size(group) == 1:
-        return
-    idx = torch.arange(1, t.numel() + 1, device=t.device, dtype=torch.float64)
-    s = torch.stack(
-        [(t.flatten().double() * idx).sum(), t.numel() * torch.ones((), device=t.device, dtype=torch.float64)]
-    )
-    hi, lo = all_reduce(s.clone(), "max", group), all_reduce(s.clone(), "min", group)
-    if not torch.equal(hi, lo):
-        raise RuntimeError(f"ranks diverged on {what}: checksums differ ({lo.tolist()} vs {hi.tolist()})")

@@ -215,12 +215,7 @@ class Engine:
             config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         )
-        self.zero_stage = self.ds.zero_optimization_stage()
         self.manual_clip = cfg.train.grad_clip > 0 and self.ds_config["gradient_clipping"] == 0
-
-    @property
-    def module(self) -> torch.nn.Module:
-        return self.ds.module
 
     @torch.no_grad()
     def encode(self, batch) -> Features:

@@ -95,7 +95,7 @@ class Trainer:
 
     def __init__(self, cfg: C.Config, info: D.DistInfo, preemption: Preemption | None = None):
         from dissect_ds.data import build_train_stream, dataset_size
-        from dissect_ds.engine import Engine
+        from dissect_ds.engine import Engine, device
         from dissect_ds.metrics import MetricsWriter, StepTimer
         from dissect_ds.selection import Selector
 
@@ -112,7 +112,7 @@ class Trainer:
             num_uids=num_uids,
             rank=info.rank,
             world_size=info.world_size,
-            device=self.engine_device(),
+            device=device(),
             seed=cfg.run.seed,
             steps_per_epoch=self.steps_per_epoch,
             run_dir=str(self.run_dir),
@@ -151,12 +151,6 @@ class Trainer:
         self.preemption = preemption or Preemption()
         if info.is_main and resume is not None:
             print(f"resumed from {resume} at step {self.state.step}", flush=True)
-
-    @staticmethod
-    def engine_device():
-        from dissect_ds.engine import device
-
-        return device()
 
     def fit(self) -> dict[str, float]:
         from tqdm import tqdm

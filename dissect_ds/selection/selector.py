@@ -44,8 +44,7 @@ class Selection:
 def _check_same_on_all_ranks(mask: torch.Tensor, what: str) -> None:
     """Raise on every rank if ``mask`` differs between ranks; one all-reduce(max).
 
-    Same checksum as :func:`dissect_ds.distributed.assert_same_on_all_ranks`, but max and
-    -min travel in one collective instead of two: this runs every step.
+    A checksum whose max and -min travel in one collective: this runs every step.
     """
     if dist.world_size() == 1:
         return
