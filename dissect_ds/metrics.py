@@ -10,6 +10,12 @@ from pathlib import Path
 import torch
 
 
+def read_metrics(run_dir: Path | str) -> list[dict]:
+    """Every row of ``<run_dir>/metrics.jsonl`` in file order (steps and evaluations alike)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
 class MetricsWriter:
     """Appends to ``<run_dir>/metrics.jsonl`` and ``<run_dir>/tensorboard/``.
 

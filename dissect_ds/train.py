@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -219,7 +220,10 @@ class Trainer:
             with self.timer("train"):
                 out = self.engine.train_step(batch.select(selection.mask), fallback=batch, sizes=selection.sizes)
             for k, v in {**out, **selection.metrics}.items():
-                totals[k] = totals.get(k, 0.0) + v / cfg.train.grad_accum
+                # One rule under accumulation: times and counts add up over the micro-batches
+                # (so the time split still sums to the step), everything else is averaged.
+                summed = k.startswith("time/") or k == "selected"
+                totals[k] = totals.get(k, 0.0) + (v if summed else v / cfg.train.grad_accum)
             every = cfg.log.histograms_every_steps
             if self.info.is_main and every and micro == 0 and state.step % every == 0:
                 for name, values in selection.histograms.items():
@@ -229,7 +233,6 @@ class Trainer:
         # Once per optimizer step (the update ran in the last micro-batch's train_step):
         # snapshot, refresh and EMA schedules count optimizer steps.
         self.selector.after_step(state.step)
-        totals["selected"] = totals.get("selected", 0.0) * cfg.train.grad_accum
         totals.update(self.timer.pop())
         totals["grad_norm"] = self.engine.grad_norm()
         self.engine.check_finite_step(totals["grad_norm"])
@@ -290,17 +293,27 @@ def main(argv: list[str] | None = None) -> int:
     # lock: keep one cache per venv unless the user chose one.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     preemption = Preemption()  # before anything slow: USR1's default action kills the process
+    # Rank 0 shows the package's info lines (e.g. the data layer counting shards without a
+    # manifest); the other ranks only warnings, so a line is not printed W times.
+    main_rank = D.env_from_launcher()["RANK"] == "0"
+    package_log = logging.getLogger("dissect_ds")
+    if not package_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        package_log.addHandler(handler)
+        package_log.propagate = False
+    package_log.setLevel(logging.INFO if main_rank else logging.WARNING)
     world = int(D.env_from_launcher()["WORLD_SIZE"])
     cfg = C.load_or_exit(args.config, args.overrides, world_size=world)
     if args.check:
-        if D.env_from_launcher()["RANK"] == "0":
+        if main_rank:
             import yaml
 
             print(yaml.safe_dump(C.to_dict(cfg), sort_keys=False), end="")
             print(f"config ok for world size {world}: {cfg.run_dir}", file=sys.stderr)
         return 0
     lock = RunLock(cfg.run_dir)
-    if D.env_from_launcher()["RANK"] == "0":
+    if main_rank:
         try:
             lock.acquire()  # before the process group: a refused rank 0 makes its launcher stop the rest
         except RunDirBusy as e:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 from dissect_ds.distributed import free_port
+from dissect_ds.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -56,7 +56,7 @@ def torchrun(
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    return read_metrics(run_dir)
 
 
 def losses(run_dir: Path) -> dict[int, float]:

@@ -48,6 +48,9 @@ class FakeEngine:
     def grad_norm(self) -> float:
         return 0.0
 
+    def check_finite_step(self, grad_norm: float | None) -> None:
+        pass
+
 
 class HistogramLog:
     def __init__(self) -> None:
@@ -132,3 +135,23 @@ def test_micro_batches_of_one_step_draw_different_priorities():
     assert torch.equal(random_priority(3, 4, uids, micro=0), random_priority(3, 4, uids))
     assert not torch.equal(random_priority(3, 4, uids, micro=1), random_priority(3, 4, uids))
     assert not torch.equal(random_priority(3, 4, uids, micro=1), random_priority(3, 5, uids))
+
+
+def test_metrics_under_accumulation_sum_times_and_counts_and_average_rates(monkeypatch):
+    """Each micro-batch reports 1 s of scoring and a rate of 0.25: the step reports grad_accum
+    seconds (so the time split adds up to the step) and the rate 0.25."""
+    real = Selector.select
+
+    def select(self, *args, **kw):
+        out = real(self, *args, **kw)
+        out.metrics.update({"time/score": 1.0, "selection/probe_rate": 0.25})
+        return out
+
+    monkeypatch.setattr(Selector, "select", select)
+    cfg = SelectionConfig(strategy="current_score", rate=0.5)
+    for accum in (1, 2, 3):
+        _, metrics, _, _ = train(cfg, grad_accum=accum) if B % accum == 0 else (None, [], None, None)
+        for m in metrics:
+            assert m["time/score"] == pytest.approx(accum)
+            assert m["selection/probe_rate"] == pytest.approx(0.25)
+            assert m["selected"] == B // 2  # a count: summed over the micro-batches
