@@ -14,8 +14,7 @@ from deepspeed.accelerator import get_accelerator
 from dissect_ds import distributed as D
 from dissect_ds.config import Config, load_ds_json
 from dissect_ds.loss import contrastive_loss
-from dissect_ds.model import build_model
-from dissect_ds.selection import Features
+from dissect_ds.model import Features, build_model
 
 NO_DECAY_KEYS = ("bn", "ln", "bias", "logit_scale")
 
@@ -137,7 +136,7 @@ def _pairs(live: torch.nn.Module, frozen: torch.nn.Module):
     return zip(live.parameters(), frozen.parameters(), strict=True)
 
 
-class HistoricalModel:
+class HostSnapshot:
     """A frozen copy of the network held in host memory, as DeepSpeed-Chat holds reference
     models: a second engine with ZeRO-3 parameter offload to CPU and no optimizer, so each
     rank keeps 1/W of the weights in host RAM and only the layer being run is ever
@@ -291,8 +290,8 @@ class Engine:
                 break
         return D.all_ok(ok)
 
-    def historical_model(self) -> HistoricalModel:
-        return HistoricalModel(self)
+    def historical_model(self) -> HostSnapshot:
+        return HostSnapshot(self)
 
     # ------------------------------------------------------------------ checkpoints
 

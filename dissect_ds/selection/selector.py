@@ -11,12 +11,14 @@ from dataclasses import dataclass
 import torch
 
 from dissect_ds import distributed as dist
+from dissect_ds.model import Features
 from dissect_ds.selection.config import SelectionConfig
 from dissect_ds.selection.diagnostics import EarlySnapshotAlarm, NoiseAuroc, Recorder, score_vectors, step_metrics
 from dissect_ds.selection.historical import HistoricalModel, LiveSnapshot, sync
 from dissect_ds.selection.memory import ScoreMemory
-from dissect_ds.selection.scoring import Features, clip_score, per_sample_contrastive_loss, random_priority, topk_mask
-from dissect_ds.selection.strategies import ALIASES, ScoredBatch, strategy_class
+from dissect_ds.selection.scored import ScoredBatch
+from dissect_ds.selection.scoring import clip_score, per_sample_contrastive_loss, random_priority, topk_mask
+from dissect_ds.selection.strategies import ALIASES, strategy_class
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dissect_ds.selection.scoring import Features
+from dissect_ds.model import Features
 
 
 @dataclass

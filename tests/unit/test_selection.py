@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dissect_ds.selection import STRATEGIES, Features, ScoreMemory, SelectionConfig, Selector
+from dissect_ds.model import Features
+from dissect_ds.selection import STRATEGIES, ScoreMemory, SelectionConfig, Selector
 from dissect_ds.selection.scoring import auroc, clip_score, per_sample_contrastive_loss, random_priority, topk_mask
 from dissect_ds.selection.testing import FakeBatch, FakeClip, FakeHistorical
 

@@ -17,7 +17,8 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from dissect_ds.selection import Features, SelectionConfig, Selector
+from dissect_ds.model import Features
+from dissect_ds.selection import SelectionConfig, Selector
 from dissect_ds.selection.diagnostics import EarlySnapshotAlarm
 from dissect_ds.selection.scoring import clip_score
 from dissect_ds.selection.testing import FakeBatch, FakeHistorical
