@@ -189,10 +189,13 @@ def parse_overrides(items: list[str]) -> dict:
     return tree
 
 
-def _merge(base: dict, over: dict) -> dict:
+def _merge(base: dict, over: dict, prefix: str = "") -> dict:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        if isinstance(v, dict) and out.get(k) is not None and not isinstance(out[k], dict):
+            # e.g. `run: 5` in the file: an override of run.name must not silently replace it
+            raise ConfigError(f"{prefix}{k}: expected a section (mapping), got {out[k]!r}")
+        out[k] = _merge(out[k], v, f"{prefix}{k}.") if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 

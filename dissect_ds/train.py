@@ -24,6 +24,7 @@ from dissect_ds import distributed as D
 from dissect_ds.rundir import RunDirBusy, RunLock
 
 EXIT_DIVERGED = 3  # a non-finite loss, gradient norm or weights stopped the run
+EXIT_PREEMPTED = 75  # a signal or the launcher's death stopped the run after a checkpoint (EX_TEMPFAIL)
 
 
 @dataclass
@@ -43,6 +44,10 @@ class TorchRNG:
 
     def state_dict(self) -> torch.Tensor:
         return torch.get_rng_state()
+
+
+class Preempted(Exception):
+    """The run stopped at a step boundary after writing its checkpoint."""
 
 
 class Preemption:
@@ -199,7 +204,7 @@ class Trainer:
                     raise Diverged(f"step {state.step}: {e}") from None
             if preempted:
                 self.on_preempted()
-                return {}
+                raise Preempted
         bar.close()
         final = self.evaluate() if cfg.data.val else {}
         self.writer.log(state.step, final)
@@ -218,7 +223,9 @@ class Trainer:
                 batch = next(batches)
             selection = self.selector.select(state.step, batch, self.engine.encode, micro=micro)
             with self.timer("train"):
-                out = self.engine.train_step(batch.select(selection.mask), fallback=batch, sizes=selection.sizes)
+                out = self.engine.train_step(
+                    batch.select(selection.mask), fallback=batch, sizes=selection.kept_per_rank
+                )
             for k, v in {**out, **selection.metrics}.items():
                 # One rule under accumulation: times and counts add up over the micro-batches
                 # (so the time split still sums to the step), everything else is averaged.
@@ -332,6 +339,8 @@ def _train(cfg: C.Config, preemption: Preemption) -> int:
     trainer = Trainer(cfg, info, preemption)
     try:
         trainer.fit()
+    except Preempted:
+        code = EXIT_PREEMPTED
     except Diverged as e:
         # Every rank raises at the same step (the loss and gradient norm are global).
         if info.is_main:

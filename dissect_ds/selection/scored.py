@@ -22,7 +22,7 @@ class ScoredBatch:
     in_warmup: bool
     seed: int
     batch: object  # this rank's batch, for historical-model forwards
-    sizes: list[int]  # rows per rank
+    rows_per_rank: list[int]  # the global batch's rows on each rank
     uids: torch.Tensor  # [B] int64
     noisy: torch.Tensor  # [B] int8: 1 noisy, 0 clean, -1 unknown
     current: torch.Tensor | None = None  # [B] float32 current score c

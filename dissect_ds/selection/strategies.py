@@ -267,7 +267,7 @@ class DissectModel(Differential):
     def historical(self, sb: ScoredBatch) -> torch.Tensor | None:
         if sb.in_warmup:
             return None
-        return self.snapshot.scores(sb.batch, sb.uids, sb.sizes, sb.step, sb.timings)
+        return self.snapshot.scores(sb.batch, sb.uids, sb.rows_per_rank, sb.step, sb.timings)
 
 
 STRATEGIES: dict[str, type[Strategy]] = {
