@@ -305,8 +305,11 @@ class Engine:
         files = sorted(path.glob("rank*.pt"))
         return [torch.load(f, map_location="cpu", weights_only=False) for f in files]
 
-    def export_open_clip(self, path: Path) -> None:
-        """Write fp32 weights loadable by ``open_clip.create_model(name, pretrained=path)``."""
+    def export_open_clip(self, path: Path, directory: Path | None = None) -> None:
+        """Write fp32 weights loadable by ``open_clip.create_model(name, pretrained=path)``
+        and, with ``directory``, a self-describing export that plain open_clip and
+        clip_benchmark load as ``local-dir:<directory>`` (see dissect_ds/export.py).
+        Collective (ZeRO-3 gathers each parameter)."""
         params = dict(self.ds.module.named_parameters())
         state = {}
         for name, value in self.ds.module.state_dict().items():
@@ -317,7 +320,30 @@ class Engine:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(state, path.with_suffix(".tmp"))
             os.replace(path.with_suffix(".tmp"), path)
+            if directory is not None:
+                from dissect_ds.export import write_open_clip_dir
+
+                write_open_clip_dir(state, self.ds.module, self.cfg.model.name, directory)
         D.barrier()
+
+
+def checkpoint_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """fp32 model weights of a checkpoint directory written by :meth:`Engine.save`
+    (``root/tag``), any ZeRO stage and world size, in one process without a process group.
+
+    ZeRO 1-3 keep the fp32 master weights partitioned in the optimizer files; DeepSpeed's
+    zero_to_fp32 merges them. ZeRO-0 (no partitioned files) stores the module whole.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if any(path.glob("*zero_pp_rank_*optim_states.pt")):
+        try:
+            state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+            return {k: v.float() for k, v in state.items()}
+        except (ValueError, KeyError):  # bf16 ZeRO-0 optimizer files are not ZeRO partitions
+            pass
+    state = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in state.items()}
 
 
 def _tag_step(p: Path) -> int:
