@@ -1,5 +1,7 @@
 """Retrieval (image->text, text->image R@1/5/10) and zero-shot classification on the
-val shards. Every rank encodes its share; results do not depend on the world size."""
+val shards, plus the named sets of dissect_ds/evaluation; and the command
+``python -m dissect_ds.evaluate`` that evaluates a checkpoint or an export without
+training. Every rank encodes its share; results do not depend on the world size."""
 
 from __future__ import annotations
 
