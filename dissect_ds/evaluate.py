@@ -166,8 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument(
         "--run",
+        "--run-dir",  # under torchrun: it reads --run as an abbreviation of its own --run-path
+        dest="run",
         help="run directory: its config's eval sets and data.val; its final export "
-        "(RUN/open_clip) or, with --checkpoint, a DeepSpeed checkpoint",
+        "(RUN/open_clip) or, with --checkpoint, a DeepSpeed checkpoint. Under torchrun write --run-dir",
     )
     src.add_argument(
         "--model",

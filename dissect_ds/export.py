@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Export a run's DeepSpeed checkpoint (any ZeRO stage) as a directory that "
         "open_clip.create_model_and_transforms('local-dir:DIR') and clip_benchmark load.",
     )
-    p.add_argument("--run", required=True, help="run directory (holds config.yaml and checkpoints/)")
+    p.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory (config.yaml, checkpoints/)")
     p.add_argument("--checkpoint", default="latest", help="checkpoint tag, e.g. step00000020 (default: latest)")
     p.add_argument("--output", help="export directory (default: RUN/open_clip-TAG)")
     args = p.parse_args(argv)

@@ -112,6 +112,22 @@ def test_custom_classnames_and_templates_override(tmp_path, sets):
     assert w.kind == "wds" and len(w.classnames) == 6 and w.templates[0]("cat") == "a photo of a cat."
 
 
+def test_val_shards_as_a_named_set_equal_the_val_metric(synthetic, weights, tmp_path):
+    from dissect_ds.data import DataConfig
+    from dissect_ds.evaluate import TEMPLATES, evaluate
+    from dissect_ds.evaluation import zeroshot
+
+    templates = tmp_path / "t.txt"
+    templates.write_text("\n".join(TEMPLATES) + "\n")
+    s = zeroshot_set("val", {"path": str(synthetic / "val"), "templates": str(templates)})
+    assert s.kind == "shards" and len(s.classnames) == 48
+    enc = _encoder(weights)
+    named = zeroshot(enc, s, 0, 1, batch_size=50)
+    val = evaluate(enc, DataConfig(val=str(synthetic / "val"), num_workers=0), 50, 0, 1)
+    assert named["top1"] == pytest.approx(val["eval/zeroshot_top1"], abs=1e-9)
+    assert named["top5"] >= named["top1"] > 0
+
+
 def test_synthetic_retrieval_captions_each_describe_one_image(sets):
     s = retrieval_set("ret", {"images": sets["retrieval_images"], "annotations": sets["retrieval_annotations"]})
     assert len(s.images) == 24 and len(s.captions) == 5 * 24
