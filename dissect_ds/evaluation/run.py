@@ -168,10 +168,10 @@ def _blank(preprocess: Preprocess) -> Callable[[], torch.Tensor]:
 
 
 def _zeroshot_batches(s: ZeroShotSet, preprocess: Preprocess, rank: int, world: int, batch_size: int, workers: int):
+    """This rank's ``(images, labels)`` batches of ``s`` and their image count (None: unknown)."""
     if s.kind == "imagefolder":
-        return _loader(_Files(list(s.samples[rank::world]), preprocess), batch_size, workers), len(
-            s.samples[rank::world]
-        )
+        mine = list(s.samples[rank::world])
+        return _loader(_Files(mine, preprocess), batch_size, workers), len(mine)
     if s.kind == "wds":
         workers = min(workers, len(s.shards))
         return _loader(_WdsShare(s.shards, preprocess, rank, world), batch_size, workers), None
