@@ -304,8 +304,11 @@ class Engine:
     def load_checkpoint(self, root: Path, tag: str) -> None:
         self.ds.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
 
-    def export_open_clip(self, path: Path) -> None:
-        """Write fp32 weights loadable by ``open_clip.create_model(name, pretrained=path)``."""
+    def export_open_clip(self, path: Path, directory: Path | None = None) -> None:
+        """Write fp32 weights loadable by ``open_clip.create_model(name, pretrained=path)``
+        and, with ``directory``, a self-describing export that plain open_clip and
+        clip_benchmark load as ``local-dir:<directory>`` (see dissect_ds/export.py).
+        Collective (ZeRO-3 gathers each parameter)."""
         if not self.weights_finite():
             raise Diverged("the weights hold NaN/inf")
         params = dict(self.ds.module.named_parameters())
@@ -318,4 +321,27 @@ class Engine:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(state, path.with_suffix(".tmp"))
             os.replace(path.with_suffix(".tmp"), path)
+            if directory is not None:
+                from dissect_ds.export import write_open_clip_dir
+
+                write_open_clip_dir(state, self.ds.module, self.cfg.model.name, directory)
         D.barrier()
+
+
+def checkpoint_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """fp32 model weights of a checkpoint directory written by :meth:`Engine.save`
+    (``root/tag``), any ZeRO stage and world size, in one process without a process group.
+
+    ZeRO 1-3 keep the fp32 master weights partitioned in the optimizer files; DeepSpeed's
+    zero_to_fp32 merges them. ZeRO-0 (no partitioned files) stores the module whole.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if any(path.glob("*zero_pp_rank_*optim_states.pt")):
+        try:
+            state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+            return {k: v.float() for k, v in state.items()}
+        except (ValueError, KeyError):  # bf16 ZeRO-0 optimizer files are not ZeRO partitions
+            pass
+    state = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in state.items()}

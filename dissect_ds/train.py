@@ -162,6 +162,7 @@ class Trainer:
         from tqdm import tqdm
 
         from dissect_ds.engine import Diverged
+        from dissect_ds.evaluate import wanted
 
         cfg, state = self.cfg, self.state
         batches = iter(self.stream)
@@ -191,7 +192,7 @@ class Trainer:
                 values.update(self.data_counters())
                 if self.info.is_main:
                     bar.write(self.log_line(values))
-            if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0 and not done and cfg.data.val:
+            if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0 and not done and wanted(cfg):
                 values.update(self.evaluate())
             self.writer.log(state.step, values)
             bar.update(1)
@@ -206,11 +207,11 @@ class Trainer:
                 self.on_preempted()
                 raise Preempted
         bar.close()
-        final = self.evaluate() if cfg.data.val else {}
+        final = self.evaluate() if wanted(cfg) else {}
         self.writer.log(state.step, final)
         if self.info.is_main:
             (self.run_dir / "eval.json").write_text(json.dumps({"step": state.step, **final}, indent=2))
-        self.engine.export_open_clip(self.run_dir / "open_clip_model.pt")
+        self.engine.export_open_clip(self.run_dir / "open_clip_model.pt", self.run_dir / "open_clip")
         self.writer.close()
         return final
 
@@ -267,15 +268,23 @@ class Trainer:
         return " | ".join(parts)
 
     def evaluate(self) -> dict[str, float]:
-        from dissect_ds.evaluate import evaluate
+        from dissect_ds.evaluate import evaluate_run
+        from dissect_ds.evaluation import EngineEncoder
 
-        metrics = evaluate(self.engine, self.cfg.data, self.cfg.eval.batch_size, self.info.rank, self.info.world_size)
+        metrics = evaluate_run(
+            EngineEncoder(self.engine),
+            self.cfg.data,
+            self.cfg.eval,
+            self.info.rank,
+            self.info.world_size,
+            progress=self.info.is_main and self.cfg.log.progress,
+        )
         if self.info.is_main:
             from tqdm import tqdm
 
             tqdm.write(
                 f"eval @ step {self.state.step}: "
-                + ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in metrics.items() if "R@5" not in k),
+                + ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items() if "R@5" not in k),
                 file=sys.stdout,
             )
         return metrics
