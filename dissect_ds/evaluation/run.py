@@ -39,7 +39,7 @@ class ModelEncoder:
     @torch.no_grad()
     def encode(self, batch):
         """Both towers on a Batch, as ``Engine.encode`` (the val-shard evaluation calls it)."""
-        from dissect_ds.selection import Features
+        from dissect_ds.model import Features
 
         return Features(
             image=self.encode_image(batch.images),
