@@ -31,7 +31,7 @@ def _data(scale: plan.Scale, jobs: list[plan.Job], work: Path) -> None:
 
 
 def execute(
-    scale: plan.Scale, matrix: plan.Matrix, work: Path, reuse: bool
+    scale: plan.Scale, matrix: plan.Matrix, work: Path, reuse: bool, parallel: int = run.PARALLEL
 ) -> tuple[list[plan.Job], float, list[float]]:
     """Prepare data and run every job; returns (jobs, seconds, load averages seen)."""
     jobs = plan.jobs(scale, matrix, work)
@@ -39,7 +39,7 @@ def execute(
     t0 = time.perf_counter()
     _data(scale, jobs, work)
     print(f"accuracy: {len(jobs)} runs, work dir {work}", flush=True)
-    run.run_jobs(jobs, work, reuse=reuse, timeout=6 * 3600)
+    run.run_jobs(jobs, work, reuse=reuse, timeout=6 * 3600, parallel=parallel)
     loads.append(c.loadavg())
     return jobs, time.perf_counter() - t0, loads
 
@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--work", type=Path, help="data and runs (default runs/bench/accuracy, or OUT/work with --out)")
     p.add_argument("--reuse", action="store_true", help="keep finished runs of the same job in the work dir")
     p.add_argument("--scale", help=argparse.SUPPRESS)  # JSON overrides of the Scale (scripts/gpu_bench.sh)
+    p.add_argument("--parallel", type=int, default=run.PARALLEL, help="runs side by side (default: %(default)s)")
+    p.add_argument("--no-world2-check", action="store_true", help="skip the 2-rank repeat of one run (one GPU)")
     args = p.parse_args(argv)
     scale = plan.QUICK if args.quick else plan.CPU
     if args.scale:
@@ -142,6 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
         if args.all
         else (plan.DEFAULT, "default matrix (make bench)")
     )
+    if args.no_world2_check:
+        matrix = dataclasses.replace(matrix, world2_check=False)
     md_dir, img_dir = (args.out, args.out / "img") if args.out else (c.DOCS / "bench", c.DOCS / "img")
     work = args.work or (args.out / "work" if args.out else c.WORK / "accuracy")
     for d in (md_dir, img_dir, work):
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python -m benchmarks.accuracy" + (" --quick" if args.quick else " --all" if args.all else "")
     if args.scale:
         command += f" --scale '{args.scale}'"
-    jobs, took, _ = execute(scale, matrix, work, args.reuse)
+    jobs, took, _ = execute(scale, matrix, work, args.reuse, args.parallel)
     summary = analyse_and_write(scale, matrix, name, jobs, work, md_dir, img_dir, command, took)
     print(f"accuracy: wrote {md_dir / 'accuracy.md'} ({took / 60:.1f} min)", flush=True)
     return summary

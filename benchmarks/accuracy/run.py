@@ -49,8 +49,8 @@ def finished(job: Job) -> bool:
     return (run_dir / "eval.json").is_file() and spec.is_file() and json.loads(spec.read_text()) == asdict(job)
 
 
-def run_jobs(jobs: list[Job], work: Path, reuse: bool, timeout: float) -> None:
-    """Run ``jobs`` (world size 1 ones in :data:`PARALLEL` in-process workers, the rest
+def run_jobs(jobs: list[Job], work: Path, reuse: bool, timeout: float, parallel: int = PARALLEL) -> None:
+    """Run ``jobs`` (world size 1 ones in ``parallel`` in-process workers, the rest
     with torchrun), skipping finished ones when ``reuse``. Raises BenchError on a failure."""
     todo = [j for j in jobs if not (reuse and finished(j))]
     if len(todo) < len(jobs):
@@ -58,7 +58,7 @@ def run_jobs(jobs: list[Job], work: Path, reuse: bool, timeout: float) -> None:
     single = [j for j in todo if j.world_size == 1]
     # Longest first, dealt round-robin: the workers end at about the same time.
     single.sort(key=lambda j: -j.cost)
-    shares = [single[i::PARALLEL] for i in range(PARALLEL)]
+    shares = [single[i::parallel] for i in range(parallel)]
     procs = []
     for i, share in enumerate(s for s in shares if s):
         spec = work / "logs" / f"worker{i}.json"
