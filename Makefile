@@ -6,8 +6,10 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | cksum 
 DEMO_DATA := data/demo
 GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c GPU)
 NPROC ?= $(if $(filter-out 0,$(GPUS)),$(GPUS),2)
+# DeepSpeed's JIT op cache, one per venv (a cache shared between venvs is rebuilt and locked by each).
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: venv test demo bench lint format clean
+.PHONY: venv test test-fast demo bench lint format clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,12 +22,15 @@ venv: $(STAMP)
 test: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
+test-fast: venv  # unit tests only (a couple of minutes)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
+
 $(DEMO_DATA)/train/info.json: | venv
 	$(BIN)/python -m dissect_ds.prepare synthetic --num-samples 3000 --noise-rate 0.3 --seed 0 --val-samples 1000 --output $(DEMO_DATA)
 
 demo: venv $(DEMO_DATA)/train/info.json
 	rm -rf runs/demo
-	$(BIN)/deepspeed --num_gpus $(NPROC) --master_port $$($(BIN)/python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])') \
+	$(BIN)/deepspeed --num_gpus $(NPROC) --master_port $$($(BIN)/python -c 'from dissect_ds.distributed import free_port; print(free_port())') \
 		--module dissect_ds.train --config configs/demo.yaml
 	$(BIN)/python -m dissect_ds.summary runs/demo
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import types
 import typing
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from dissect_ds.data import DataConfig, validate_spec
+from dissect_ds.data import DataConfig
 from dissect_ds.selection import SelectionConfig
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -71,6 +72,7 @@ class DeepSpeedConfig:
 class CheckpointConfig:
     every_steps: int = 0  # 0: only the final checkpoint
     keep: int = 2
+    allow_config_change: bool = False  # resume even if model batch size / selection changed since the checkpoint
 
 
 @dataclass
@@ -194,8 +196,9 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load(path: str | None, overrides: list[str] | None = None) -> Config:
-    """Build a validated Config from a YAML file and ``key=value`` overrides."""
+def load(path: str | None, overrides: list[str] | None = None, world_size: int | None = None) -> Config:
+    """Build a validated Config from a YAML file and ``key=value`` overrides (validated for
+    ``world_size`` ranks when given)."""
     tree: dict = {}
     if path:
         p = Path(path)
@@ -209,7 +212,7 @@ def load(path: str | None, overrides: list[str] | None = None) -> Config:
             raise ConfigError(f"--config: {path} must hold a mapping of sections")
     tree = _merge(tree, parse_overrides(overrides or []))
     cfg = _build(Config, tree, "")
-    validate(cfg)
+    validate(cfg, world_size)
     return cfg
 
 
@@ -265,8 +268,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             cfg.deepspeed.zero_stage is None or cfg.deepspeed.zero_stage in (0, 1, 2, 3),
             f"deepspeed.zero_stage: must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}",
         ),
-        (cfg.data.num_workers >= 0, f"data.num_workers: must be >= 0, got {cfg.data.num_workers}"),
-        (cfg.data.shuffle_buffer >= 1, f"data.shuffle_buffer: must be >= 1, got {cfg.data.shuffle_buffer}"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -282,28 +283,45 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"model.pretrained: file not found: {cfg.model.pretrained} (weights are never downloaded)")
     if cfg.resume not in (None, "", "latest") and not Path(cfg.resume).exists():
         raise ConfigError(f"resume: must be 'latest', a checkpoint path or empty; not found: {cfg.resume}")
-    if not cfg.resume and (cfg.run_dir / "checkpoints" / "latest").exists():
-        raise ConfigError(
-            f"run.name: {cfg.run_dir} already holds checkpoints; pass resume=latest to continue it, or pick another run.name"
-        )
+    _check_output_dir(cfg)
     errors = cfg.selection.validate()
     if errors:
         raise ConfigError(errors[0])
-    for key, spec in (("data.train", cfg.data.train), ("data.val", cfg.data.val)):
-        if key == "data.train" and not spec:
-            raise ConfigError("data.train: required (a prepared directory or a shard spec)")
-        if spec:
-            err = validate_spec(spec)
-            if err:
-                raise ConfigError(err if err.startswith(key) else f"{key}: {err}")
+    err = cfg.data.validate()
+    if err:
+        raise ConfigError(err)
     ds = load_ds_json(cfg)
     bf16 = ds.get("bf16", {}).get("enabled", False) if cfg.deepspeed.bf16 is None else cfg.deepspeed.bf16
     fp16 = ds.get("fp16", {}).get("enabled", False) if cfg.deepspeed.fp16 is None else cfg.deepspeed.fp16
     if bf16 and fp16:
         raise ConfigError("deepspeed.bf16 and deepspeed.fp16: enable at most one precision")
+    if fp16 and not _has_gpu():
+        raise ConfigError(
+            "deepspeed.fp16: needs a GPU (DeepSpeed's CPU accelerator has no fp16); use deepspeed.bf16=true"
+        )
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if cfg.deepspeed.zero_stage is None and stage not in (0, 1, 2, 3):
         raise ConfigError(f"{cfg.deepspeed.config}: zero_optimization.stage must be 0-3, got {stage}")
+    from dissect_ds import checkpoint
+
+    checkpoint.validate(cfg, world_size, stage if cfg.deepspeed.zero_stage is None else cfg.deepspeed.zero_stage)
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _check_output_dir(cfg: Config) -> None:
+    """The run directory can be created and written (checked up to its nearest existing parent)."""
+    p = cfg.run_dir.absolute()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        raise ConfigError(f"run.output_dir: {p} is a file, not a directory")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ConfigError(f"run.output_dir: {p} is not writable")
 
 
 def to_dict(cfg: Config) -> dict:
@@ -320,13 +338,8 @@ def dump(cfg: Config, path: Path) -> None:
 def load_or_exit(path: str | None, overrides: list[str], world_size: int | None = None) -> Config:
     """Load and validate, or print one line and exit 2 (only rank 0 prints)."""
     try:
-        cfg = load(path, overrides)
-        if world_size is not None:
-            validate(cfg, world_size)
-        return cfg
+        return load(path, overrides, world_size)
     except ConfigError as e:
-        import os
-
         if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
             print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -12,6 +12,7 @@ import re
 import socket
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -29,7 +30,8 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a single-host rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -80,7 +82,7 @@ def env_from_launcher(environ: dict[str, str] | None = None) -> dict[str, str]:
     else:
         out.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         if "MASTER_PORT" not in env:
-            out["MASTER_PORT"] = str(_free_port())
+            out["MASTER_PORT"] = str(free_port())
     out.setdefault("MASTER_ADDR", env.get("MASTER_ADDR", "127.0.0.1"))
     out.setdefault("MASTER_PORT", env.get("MASTER_PORT", "29500"))
     return out
@@ -91,7 +93,7 @@ def mpi_master_port() -> str:
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
-    port = _free_port() if comm.Get_rank() == 0 else None
+    port = free_port() if comm.Get_rank() == 0 else None
     return str(comm.bcast(port, root=0))
 
 
@@ -139,20 +141,42 @@ def all_reduce(t: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
     return t
 
 
-def broadcast_object(obj, src: int = 0, group=None):
-    if world_size(group) == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src, group=group)
-    return box[0]
+_LAUNCHER = re.compile(r"deepspeed|torchrun|torch\.distributed\.(run|launch)")
 
 
-def all_gather_object(obj, group=None) -> list:
-    if world_size(group) == 1:
-        return [obj]
-    out = [None] * world_size(group)
-    dist.all_gather_object(out, obj, group=group)
-    return out
+def _ppid(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2 :].split()[1])  # the name in (...) may hold spaces
+
+
+def launcher_chain() -> list[tuple[int, int]]:
+    """``(pid, parent pid)`` links from this process up to its outermost launcher ancestor
+    (deepspeed's runner and per-node launcher, torchrun); [] without one or without /proc."""
+    links, pid, top = [], os.getpid(), 0
+    try:
+        while pid > 1 and len(links) < 32:
+            parent = _ppid(pid)
+            links.append((pid, parent))
+            cmd = Path(f"/proc/{parent}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if _LAUNCHER.search(cmd):
+                top = len(links)
+            pid = parent
+    except (OSError, ValueError):
+        pass
+    return links[:top]
+
+
+def launcher_alive(chain: list[tuple[int, int]]) -> bool:
+    """False once any launcher of :func:`launcher_chain` died: its child was re-parented."""
+    try:
+        return all(_ppid(pid) == parent for pid, parent in chain)
+    except (OSError, ValueError):
+        return False
+
+
+def all_ok(ok: bool, group=None) -> bool:
+    """True on every rank iff ``ok`` is True on every rank."""
+    return bool(all_reduce(torch.tensor([int(ok)]), "min", group)[0])
 
 
 def all_gather_sizes(n: int, device: torch.device | str, group=None) -> list[int]:
@@ -216,16 +240,3 @@ def local_slice(sizes: list[int], rank_: int) -> slice:
     """Rows of ``rank_`` inside a tensor gathered with ``sizes``."""
     start = sum(sizes[:rank_])
     return slice(start, start + sizes[rank_])
-
-
-def assert_same_on_all_ranks(t: torch.Tensor, what: str, group=None) -> None:
-    """Raise if ``t`` differs between ranks (compares max and min of a checksum)."""
-    if world_size(group) == 1:
-        return
-    idx = torch.arange(1, t.numel() + 1, device=t.device, dtype=torch.float64)
-    s = torch.stack(
-        [(t.flatten().double() * idx).sum(), t.numel() * torch.ones((), device=t.device, dtype=torch.float64)]
-    )
-    hi, lo = all_reduce(s.clone(), "max", group), all_reduce(s.clone(), "min", group)
-    if not torch.equal(hi, lo):
-        raise RuntimeError(f"ranks diverged on {what}: checksums differ ({lo.tolist()} vs {hi.tolist()})")

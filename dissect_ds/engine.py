@@ -3,10 +3,8 @@ the host-resident historical model, and export to an open_clip state dict."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import deepspeed
@@ -20,6 +18,10 @@ from dissect_ds.model import build_model
 from dissect_ds.selection import Features
 
 NO_DECAY_KEYS = ("bn", "ln", "bias", "logit_scale")
+
+
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss, gradient norm or weights; the message is one line."""
 
 
 def init_distributed() -> D.DistInfo:
@@ -213,12 +215,7 @@ class Engine:
             config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         )
-        self.zero_stage = self.ds.zero_optimization_stage()
         self.manual_clip = cfg.train.grad_clip > 0 and self.ds_config["gradient_clipping"] == 0
-
-    @property
-    def module(self) -> torch.nn.Module:
-        return self.ds.module
 
     @torch.no_grad()
     def encode(self, batch) -> Features:
@@ -257,13 +254,17 @@ class Engine:
             self.ds, batch if n else fallback.select(torch.arange(1)), self.cfg.train.max_logit_scale
         )
         loss_bw, loss = contrastive_loss(image[:n], text[:n], scale, sizes, self.info.rank)
+        # ``loss`` is global (identical on every rank), so every rank stops here together, before
+        # a non-finite gradient reaches the weights.
+        if not torch.isfinite(loss):
+            raise Diverged(f"loss is {float(loss)}")
         if n == 0:
             loss_bw = loss_bw + 0.0 * (image.sum() + text.sum())
         self.ds.backward(loss_bw)
         if self.manual_clip and self.ds.is_gradient_accumulation_boundary():
             torch.nn.utils.clip_grad_norm_(self.ds.module.parameters(), self.cfg.train.grad_clip)
         # DeepSpeed 0.18.9 + torch 2.14 on CPU: ZeRO 1/2 step modifies a view in place
-        # unless autograd is off (see DESIGN.md).
+        # unless autograd is off (see docs/design.md).
         with torch.no_grad():
             self.ds.step()
         return {"loss": float(loss), "lr": float(self.ds.get_lr()[0]), "logit_scale": float(scale.detach())}
@@ -272,41 +273,42 @@ class Engine:
         norm = self.ds.get_global_grad_norm()
         return None if norm is None else float(norm)
 
+    def check_finite_step(self, grad_norm: float | None) -> None:
+        """Raise :class:`Diverged` when the last optimizer step applied a non-finite gradient.
+        Under fp16, DeepSpeed's dynamic loss scaler skips overflowing steps on its own (the
+        weights are untouched), so only fp32/bf16 steps count; the norm is global."""
+        if grad_norm is not None and not math.isfinite(grad_norm) and not self.ds.fp16_enabled():
+            raise Diverged(f"gradient norm is {grad_norm}")
+
+    @torch.no_grad()
+    def weights_finite(self) -> bool:
+        """Collective: True when every rank's (partition of the) weights is finite."""
+        ok = True
+        for p in self.ds.module.parameters():
+            local = getattr(p, "ds_tensor", p)  # ZeRO-3 keeps this rank's partition in ds_tensor
+            if local.numel() and not torch.isfinite(local).all():
+                ok = False
+                break
+        return D.all_ok(ok)
+
     def historical_model(self) -> HistoricalModel:
         return HistoricalModel(self)
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self, root: Path, tag: str, rank_state: dict, keep: int) -> None:
-        """Write DeepSpeed's checkpoint plus one ``rank{R}.pt`` per rank under
-        ``root/tag``; ``root/latest`` moves to ``tag`` only after every rank finished,
-        then all but the newest ``keep`` tags are removed. A crash at any point leaves
-        ``latest`` on a complete checkpoint."""
+    def save_checkpoint(self, root: Path, tag: str) -> None:
+        """DeepSpeed's own files for ``root/tag`` (collective); refuses non-finite weights."""
+        if not self.weights_finite():
+            raise Diverged("the weights hold NaN/inf")
         self.ds.save_checkpoint(str(root), tag=tag, save_latest=False)
-        path = root / tag / f"rank{self.info.rank:05d}.pt"
-        torch.save(rank_state, path.with_suffix(".tmp"))
-        os.replace(path.with_suffix(".tmp"), path)
-        D.barrier()
-        if self.info.is_main:
-            (root / tag / "complete.json").write_text(json.dumps({"world_size": self.info.world_size}))
-            tmp = root / "latest.tmp"
-            tmp.write_text(tag)
-            os.replace(tmp, root / "latest")
-            tags = sorted((p for p in root.iterdir() if (p / "complete.json").exists()), key=_tag_step)
-            for old in tags[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        D.barrier()
 
-    def load(self, path: Path) -> list[dict]:
-        """Load a checkpoint directory (``root/tag``); returns every rank's saved state,
-        in rank order, whatever the world size it was written with."""
-        root, tag = path.parent, path.name
+    def load_checkpoint(self, root: Path, tag: str) -> None:
         self.ds.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
-        files = sorted(path.glob("rank*.pt"))
-        return [torch.load(f, map_location="cpu", weights_only=False) for f in files]
 
     def export_open_clip(self, path: Path) -> None:
         """Write fp32 weights loadable by ``open_clip.create_model(name, pretrained=path)``."""
+        if not self.weights_finite():
+            raise Diverged("the weights hold NaN/inf")
         params = dict(self.ds.module.named_parameters())
         state = {}
         for name, value in self.ds.module.state_dict().items():
@@ -318,21 +320,3 @@ class Engine:
             torch.save(state, path.with_suffix(".tmp"))
             os.replace(path.with_suffix(".tmp"), path)
         D.barrier()
-
-
-def _tag_step(p: Path) -> int:
-    digits = "".join(c for c in p.name if c.isdigit())
-    return int(digits) if digits else -1
-
-
-def resolve_resume(cfg: Config) -> Path | None:
-    """The checkpoint directory to resume from, or None to start fresh."""
-    if not cfg.resume:
-        return None
-    if cfg.resume == "latest":
-        latest = cfg.run_dir / "checkpoints" / "latest"
-        if not latest.exists():
-            return None
-        return latest.parent / latest.read_text().strip()
-    p = Path(cfg.resume)
-    return p.parent / p.read_text().strip() if p.name == "latest" else p

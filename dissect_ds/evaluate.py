@@ -20,7 +20,11 @@ def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, chunk: int = 4096) 
         for s in range(0, q.shape[0], chunk):
             sim = q[s : s + chunk] @ k.T
             pos = sim[torch.arange(sim.shape[0]), torch.arange(s, s + sim.shape[0])]
-            out.append((sim > pos[:, None]).sum(1))
+            # "not <=" rather than ">": a NaN similarity outranks the match, and a NaN match is
+            # never found, so a diverged model scores 0 instead of a perfect R@1 from all-false
+            # comparisons.
+            rank = (~(sim <= pos[:, None])).sum(1)
+            out.append(rank.masked_fill(pos.isnan(), torch.iinfo(torch.long).max))
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
     return ranks(image, text), ranks(text, image)
@@ -42,7 +46,9 @@ def zeroshot_top1(engine, image: torch.Tensor, labels: torch.Tensor, classnames:
     text = engine.encode_text(engine.tokenizer(prompts)).cpu()
     text = text.view(len(classnames), len(TEMPLATES), -1).mean(1)
     text = text / text.norm(dim=-1, keepdim=True)
-    return float(((image @ text.T).argmax(1) == labels).float().mean())
+    logits = image @ text.T
+    hit = (logits.argmax(1) == labels) & torch.isfinite(logits).all(1)
+    return float(hit.float().mean())
 
 
 @torch.no_grad()

@@ -10,10 +10,16 @@ from pathlib import Path
 import torch
 
 
+def read_metrics(run_dir: Path | str) -> list[dict]:
+    """Every row of ``<run_dir>/metrics.jsonl`` in file order (steps and evaluations alike)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
 class MetricsWriter:
     """Appends to ``<run_dir>/metrics.jsonl`` and ``<run_dir>/tensorboard/``.
 
-    A no-op on ranks other than 0. Keys are the contract names of DESIGN.md; TensorBoard
+    A no-op on ranks other than 0. Keys are the contract names of docs/design.md; TensorBoard
     groups them by the part before '/'. On resume, lines after the checkpointed step are
     dropped first so the file never holds a step twice.
     """

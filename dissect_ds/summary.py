@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from dissect_ds.metrics import read_metrics
+
 
 def noise_rate(train_spec: str) -> float | None:
     """The data set's true noise rate, from the synthetic generator's manifest if present."""
@@ -17,7 +19,7 @@ def noise_rate(train_spec: str) -> float | None:
 
 def summarize(run_dir: Path) -> list[tuple[str, str]]:
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    lines = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    lines = read_metrics(run_dir)
     steps = [m for m in lines if "loss" in m]
     final = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").exists() else {}
     tail = steps[-max(1, len(steps) // 10) :]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -17,8 +18,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from dissect_ds import checkpoint as ckpt
 from dissect_ds import config as C
 from dissect_ds import distributed as D
+from dissect_ds.rundir import RunDirBusy, RunLock
+
+EXIT_DIVERGED = 3  # a non-finite loss, gradient norm or weights stopped the run
 
 
 @dataclass
@@ -29,14 +34,30 @@ class TrainState:
     samples_seen: int = 0
     selected_seen: int = 0
 
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+
+class TorchRNG:
+    """The CPU RNG as a checkpoint component (per rank: restored at the same world size)."""
+
+    def state_dict(self) -> torch.Tensor:
+        return torch.get_rng_state()
+
 
 class Preemption:
-    """SIGUSR1/SIGTERM set a flag; ranks agree on it at step boundaries (one all-reduce),
-    checkpoint, and exit. Under SLURM rank 0 then requeues the job."""
+    """SIGUSR1/SIGTERM, or the death of the launcher that started this rank, set a flag; ranks
+    agree on it at step boundaries (one all-reduce), checkpoint, and exit. Under SLURM rank 0
+    then requeues the job.
+
+    A launcher killed on its own (``timeout``, a container stop, ``kill`` of the deepspeed
+    runner) does not always take its ranks along; they would train on, holding accelerators,
+    with no checkpoint. Each rank therefore watches its launcher ancestors."""
 
     def __init__(self):
         self.flag = False
         self.requeue = False  # only USR1 (SLURM's warning) asks for a requeue; scancel sends TERM
+        self.launchers = D.launcher_chain()
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
@@ -45,6 +66,9 @@ class Preemption:
         self.requeue = self.requeue or signum == signal.SIGUSR1
 
     def agreed(self) -> bool:
+        if not self.flag and not D.launcher_alive(self.launchers):
+            print(f"rank {D.rank()}: the launcher exited; checkpointing and stopping", file=sys.stderr, flush=True)
+            self.flag = True
         return bool(D.all_reduce(torch.tensor([int(self.flag)]), "max")[0])
 
 
@@ -56,15 +80,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "selection.rate=0.3 deepspeed.zero_stage=3 resume=latest. Launch with deepspeed, torchrun, srun or mpirun.",
     )
     p.add_argument("--config", help="YAML run config (see configs/)")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the config and overrides for this launch's world size, print the resolved config, start nothing",
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # added by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     return p.parse_args(argv)
 
 
 class Trainer:
+    # How each checkpointed component survives a change of world size (see dissect_ds/checkpoint.py).
+    KINDS = {"train": ckpt.REPLICATED, "selection": ckpt.SHARDED, "data": ckpt.PER_RANK, "rng": ckpt.PER_RANK}
+
     def __init__(self, cfg: C.Config, info: D.DistInfo, preemption: Preemption | None = None):
         from dissect_ds.data import build_train_stream, dataset_size
-        from dissect_ds.engine import Engine, resolve_resume
+        from dissect_ds.engine import Engine, device
         from dissect_ds.metrics import MetricsWriter, StepTimer
         from dissect_ds.selection import Selector
 
@@ -81,23 +113,24 @@ class Trainer:
             num_uids=num_uids,
             rank=info.rank,
             world_size=info.world_size,
-            device=self.engine_device(),
+            device=device(),
             seed=cfg.run.seed,
-            steps_per_epoch=self.steps_per_epoch * t.grad_accum,
+            steps_per_epoch=self.steps_per_epoch,
             run_dir=str(self.run_dir),
             make_historical=self.engine.historical_model,
         )
         self.state = TrainState()
-        data_state = None
-        resume = resolve_resume(cfg)
+        self.checkpoints = ckpt.Checkpoints(cfg, info.rank, info.world_size)
+        restored: dict = {}
+        resume = ckpt.resolve_resume(cfg)
         if resume is not None:
-            states = self.engine.load(resume)
-            mine = states[info.rank] if len(states) == info.world_size else states[0]
-            self.state = TrainState(**mine["train"])
-            data_state = mine["data"] if len(states) == info.world_size else None
-            self.selector.load_state_dict([s["selection"] for s in states])
-            if len(states) == info.world_size:
-                torch.set_rng_state(mine["rng"])
+            restored = self.checkpoints.restore(resume, self.engine, self.KINDS)
+            self.state = TrainState(**restored["train"])
+            self.selector.load_state_dict(restored["selection"])
+            if restored["rng"] is not None:
+                torch.set_rng_state(restored["rng"])
+        elif cfg.resume == "latest" and info.is_main:
+            print(f"resume=latest: no checkpoint in {self.run_dir / 'checkpoints'}, starting fresh", flush=True)
         self.stream = build_train_stream(
             cfg.data,
             seed=cfg.run.seed,
@@ -106,10 +139,12 @@ class Trainer:
             batch_size=self.micro_batch,
             preprocess=self.engine.preprocess_train,
             tokenizer=self.engine.tokenizer,
-            state=data_state,
+            state=restored.get("data"),
         )
         if info.is_main:
+            # config.yaml is the config of the latest start; every start's is kept beside it.
             C.dump(cfg, self.run_dir / "config.yaml")
+            C.dump(cfg, self.run_dir / "configs" / f"start_step{self.state.step:08d}.yaml")
         self.writer = MetricsWriter(
             self.run_dir, info.is_main, cfg.log.tensorboard, resume_step=self.state.step if resume else None
         )
@@ -118,14 +153,10 @@ class Trainer:
         if info.is_main and resume is not None:
             print(f"resumed from {resume} at step {self.state.step}", flush=True)
 
-    @staticmethod
-    def engine_device():
-        from dissect_ds.engine import device
-
-        return device()
-
     def fit(self) -> dict[str, float]:
         from tqdm import tqdm
+
+        from dissect_ds.engine import Diverged
 
         cfg, state = self.cfg, self.state
         batches = iter(self.stream)
@@ -141,7 +172,10 @@ class Trainer:
         )
         while state.step < cfg.train.steps:
             t0 = time.perf_counter()
-            values = self.train_step(batches)
+            try:
+                values = self.train_step(batches)
+            except Diverged as e:
+                raise Diverged(f"step {state.step + 1}: {e}") from None
             values["time/step"] = time.perf_counter() - t0
             values["samples/s"] = cfg.train.batch_size / values["time/step"]
             state.step += 1
@@ -159,7 +193,10 @@ class Trainer:
             bar.set_postfix(loss=f"{values['loss']:.3f}", sel=values.get("selected"), refresh=False)
             preempted = self.preemption.agreed()
             if preempted or done or (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0):
-                self.save()
+                try:
+                    self.save()
+                except Diverged as e:
+                    raise Diverged(f"step {state.step}: {e}") from None
             if preempted:
                 self.on_preempted()
                 return {}
@@ -179,21 +216,26 @@ class Trainer:
         for micro in range(cfg.train.grad_accum):
             with self.timer("data"):
                 batch = next(batches)
-            step_id = state.step * cfg.train.grad_accum + micro
-            selection = self.selector.select(step_id, batch, self.engine.encode)
+            selection = self.selector.select(state.step, batch, self.engine.encode, micro=micro)
             with self.timer("train"):
                 out = self.engine.train_step(batch.select(selection.mask), fallback=batch, sizes=selection.sizes)
-            self.selector.after_step(step_id)
             for k, v in {**out, **selection.metrics}.items():
-                totals[k] = totals.get(k, 0.0) + v / cfg.train.grad_accum
-            if self.info.is_main and cfg.log.histograms_every_steps and step_id % cfg.log.histograms_every_steps == 0:
+                # One rule under accumulation: times and counts add up over the micro-batches
+                # (so the time split still sums to the step), everything else is averaged.
+                summed = k.startswith("time/") or k == "selected"
+                totals[k] = totals.get(k, 0.0) + (v if summed else v / cfg.train.grad_accum)
+            every = cfg.log.histograms_every_steps
+            if self.info.is_main and every and micro == 0 and state.step % every == 0:
                 for name, values in selection.histograms.items():
                     self.writer.histogram(state.step, name, values)
             state.samples_seen += cfg.train.batch_size // cfg.train.grad_accum
             state.selected_seen += selection.num_selected
-        totals["selected"] = totals.get("selected", 0.0) * cfg.train.grad_accum
+        # Once per optimizer step (the update ran in the last micro-batch's train_step):
+        # snapshot, refresh and EMA schedules count optimizer steps.
+        self.selector.after_step(state.step)
         totals.update(self.timer.pop())
         totals["grad_norm"] = self.engine.grad_norm()
+        self.engine.check_finite_step(totals["grad_norm"])
         totals["samples_seen"] = state.samples_seen
         totals["selected_seen"] = state.selected_seen
         totals["epoch"] = state.step / self.steps_per_epoch
@@ -210,6 +252,8 @@ class Trainer:
     def log_line(self, v: dict) -> str:
         parts = [f"step {self.state.step}/{self.cfg.train.steps}", f"loss {v['loss']:.4f}", f"lr {v['lr']:.2e}"]
         parts.append(f"selected {int(v.get('selected', 0))}/{self.cfg.train.batch_size}")
+        if "selection/rank_corr_d_c" in v:  # label-free: strongly negative = keeps what the model scores worst
+            parts.append(f"corr(d,c) {v['selection/rank_corr_d_c']:+.2f}")
         if "selection/clean_precision" in v:
             parts.append(f"clean {v['selection/clean_precision']:.3f}")
         parts.append(f"{v['samples/s']:.0f} samples/s")
@@ -230,16 +274,8 @@ class Trainer:
         return metrics
 
     def save(self) -> None:
-        rank_state = {
-            "train": asdict(self.state),
-            "data": self.stream.state_dict(),
-            "selection": self.selector.state_dict(),
-            "rng": torch.get_rng_state(),
-            "world_size": self.info.world_size,
-        }
-        self.engine.save(
-            self.run_dir / "checkpoints", f"step{self.state.step:08d}", rank_state, self.cfg.checkpoint.keep
-        )
+        components = {"train": self.state, "data": self.stream, "selection": self.selector, "rng": TorchRNG()}
+        self.checkpoints.save(self.state.step, self.engine, components)
 
     def on_preempted(self) -> None:
         self.writer.close()
@@ -252,18 +288,73 @@ class Trainer:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # DeepSpeed JIT-compiles its CPU comm op into TORCH_EXTENSIONS_DIR, by default one folder
+    # shared by every venv of the machine, where venvs rebuild over each other and wait on its
+    # lock: keep one cache per venv unless the user chose one.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     preemption = Preemption()  # before anything slow: USR1's default action kills the process
+    # Rank 0 shows the package's info lines (e.g. the data layer counting shards without a
+    # manifest); the other ranks only warnings, so a line is not printed W times.
+    main_rank = D.env_from_launcher()["RANK"] == "0"
+    package_log = logging.getLogger("dissect_ds")
+    if not package_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        package_log.addHandler(handler)
+        package_log.propagate = False
+    package_log.setLevel(logging.INFO if main_rank else logging.WARNING)
     world = int(D.env_from_launcher()["WORLD_SIZE"])
     cfg = C.load_or_exit(args.config, args.overrides, world_size=world)
-    from dissect_ds.engine import init_distributed
+    if args.check:
+        if main_rank:
+            import yaml
+
+            print(yaml.safe_dump(C.to_dict(cfg), sort_keys=False), end="")
+            print(f"config ok for world size {world}: {cfg.run_dir}", file=sys.stderr)
+        return 0
+    lock = RunLock(cfg.run_dir)
+    if main_rank:
+        try:
+            lock.acquire()  # before the process group: a refused rank 0 makes its launcher stop the rest
+        except RunDirBusy as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
+    try:
+        return _train(cfg, preemption)
+    finally:
+        lock.release()
+
+
+def _train(cfg: C.Config, preemption: Preemption) -> int:
+    from dissect_ds.engine import Diverged, init_distributed
 
     info = init_distributed()
     trainer = Trainer(cfg, info, preemption)
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Diverged as e:
+        # Every rank raises at the same step (the loss and gradient norm are global).
+        if info.is_main:
+            print(
+                f"error: training diverged at {e}; stopped without writing a checkpoint or "
+                f"export of it (lower train.lr, raise train.warmup_steps or set train.grad_clip, then "
+                f"resume=latest from the last good checkpoint)",
+                file=sys.stderr,
+                flush=True,
+            )
+        trainer.writer.close()
+        code = EXIT_DIVERGED
+    except ckpt.CheckpointError as e:
+        if info.is_main:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        trainer.writer.close()
+        code = 1
+    else:
+        code = 0
     D.barrier()
     if D.is_initialized():
         torch.distributed.destroy_process_group()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

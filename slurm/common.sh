@@ -1,13 +1,22 @@
 # shellcheck shell=bash
-# Shared body of slurm/train_*.sh (sourced, not submitted). The calling script sets
-#   DISSECT_SET                 config name: configs/$DISSECT_SET.yaml
-#   DISSECT_SET_SAMPLES         training pairs in the real data set
-#   DISSECT_SET_EPOCHS          epochs of the paper's recipe
-#   DISSECT_SET_WARMUP_SAMPLES  LR warm-up of the recipe, in samples (10k steps x 10,240)
-# and DISSECT_ROOT (the repository). See docs/cluster.md for the user-facing variables.
+# The body of slurm/train.sh (sourced, not submitted). The caller sets DISSECT_SET (config
+# name: configs/$DISSECT_SET.yaml) and DISSECT_ROOT (the repository). See docs/cluster.md for
+# the user-facing variables.
 set -euo pipefail
 
 cd "$DISSECT_ROOT"
+
+# The recipe per data set: training pairs and epochs; LR warm-up 10k steps x 10,240 pairs.
+case $DISSECT_SET in
+    cc3m) DISSECT_SET_SAMPLES=2905954 DISSECT_SET_EPOCHS=40 ;;
+    cc12m) DISSECT_SET_SAMPLES=12423374 DISSECT_SET_EPOCHS=32 ;;
+    yfcc15m) DISSECT_SET_SAMPLES=14681591 DISSECT_SET_EPOCHS=32 ;;
+    *)
+        DISSECT_SET_SAMPLES=${DISSECT_NUM_SAMPLES:?dissect: unknown data set "$DISSECT_SET" (cc3m, cc12m, yfcc15m); set DISSECT_NUM_SAMPLES and DISSECT_EPOCHS for another}
+        DISSECT_SET_EPOCHS=${DISSECT_EPOCHS:?dissect: set DISSECT_EPOCHS for data set "$DISSECT_SET"}
+        ;;
+esac
+DISSECT_SET_WARMUP_SAMPLES=$((10000 * 10240))
 
 config=${DISSECT_CONFIG:-configs/$DISSECT_SET.yaml}
 if [[ -n ${DISSECT_PYTHON:-} ]]; then

@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import traceback
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from dissect_ds.distributed import free_port
 
 
 def _worker(rank: int, world: int, port: int, fn, args, queue) -> None:
@@ -34,7 +29,7 @@ def run_ranks(fn, world: int, *args, timeout: float = 120.0) -> list:
     ``fn`` must be a module-level function (it is pickled)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue)) for r in range(world)]
     for p in procs:
         p.start()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from dissect_ds.data.shards import validate_spec
+from dissect_ds.data.shards import SpecError, resolve, validate_spec
 
 
 @dataclass
@@ -28,14 +28,22 @@ class DataConfig:
     classnames: str | None = None
 
     def validate(self) -> str | None:
-        """Return None if usable, else a one-line error naming the key (cheap checks)."""
+        """None if usable, else a one-line error naming the key. Reads manifests, and reads
+        the tars of a source that has none (to count samples and the uid range)."""
+        if not self.train:
+            return "data.train: required (a prepared directory or a shard spec)"
         if self.num_workers < 0:
             return f"data.num_workers: must be >= 0, got {self.num_workers}"
         if self.shuffle_buffer < 0:
-            return f"data.shuffle_buffer: must be >= 0, got {self.shuffle_buffer}"
+            return f"data.shuffle_buffer: must be >= 0 (0 or 1: no shuffling), got {self.shuffle_buffer}"
         err = validate_spec(self.train, name="data.train")
         if err is None and self.val:
             err = validate_spec(self.val, name="data.val")
         if err is None and self.classnames and not os.path.isfile(self.classnames):
             err = f"data.classnames: no such file {self.classnames!r}"
+        if err is None:
+            try:
+                resolve(self.train, "data.train")  # sample count and uid range; cached for the trainer
+            except SpecError as e:
+                err = str(e)
         return err

@@ -41,7 +41,7 @@ from dissect_ds.data.shards import IMAGE_EXTS, Shard, ShardSet, read_shard, reso
 
 log = logging.getLogger(__name__)
 
-SKIP_REASONS = ("corrupt_image", "missing_caption", "bad_json")
+SKIP_REASONS = ("corrupt_image", "missing_caption", "bad_json", "lost_in_shard")
 STATE_VERSION = 1
 
 Preprocess = Callable[[Image.Image], torch.Tensor]
@@ -173,10 +173,19 @@ def _shuffled(items: Iterable[T], bufsize: int, rng: random.Random) -> Iterator[
     yield from buf
 
 
+LOST = "__lost__"
+
+
 def _raw_samples(shards: Iterable[Shard]) -> Iterator[tuple[Shard, int, dict[str, bytes]]]:
+    """Samples in file order; a shard that ends before its manifest count (truncated, empty)
+    is followed by one ``{LOST: n}`` marker, so the loss is counted, not just logged."""
     for shard in shards:
+        read = 0
         for pos, raw in enumerate(read_shard(shard.url)):
+            read = pos + 1
             yield shard, pos, raw
+        if read < shard.size:
+            yield shard, read, {LOST: shard.size - read}
 
 
 @dataclass(frozen=True)
@@ -247,6 +256,9 @@ class _TrainIterable(IterableDataset):
             for shard, pos, sample in raw:
                 consumed += 1
                 if consumed <= skip:  # fast-forward after resume: no decoding
+                    continue
+                if LOST in sample:
+                    skips["lost_in_shard"] += sample[LOST]
                     continue
                 out = self.decoder(sample, shard, pos, epoch)
                 if isinstance(out, str):
@@ -463,6 +475,9 @@ class _ValIterable(IterableDataset):
         pending: list[_Sample] = []
         for shard, pos, raw in _raw_samples(self.shardset.shards[worker :: self.num_workers]):
             if (shard.sample_offset + pos) % self.world_size != self.rank:
+                continue
+            if LOST in raw:
+                skips["lost_in_shard"] += raw[LOST]
                 continue
             out = self.decoder(raw, shard, pos, 0)
             if isinstance(out, str):

@@ -17,6 +17,7 @@ shard, plus the same source offset: dense 0..N-1 and stable.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import logging
@@ -34,6 +35,9 @@ SIZES_FILE = "sizes.json"
 INFO_FILE = "info.json"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _PEEK_SAMPLES = 16
+# Largest uid range per sample accepted: sparse uids (a filtered data set) are fine, a hash or
+# a timestamp used as uid would make the history allocate far more than the data set needs.
+MAX_UID_SPREAD = 4
 
 
 class SpecError(ValueError):
@@ -193,6 +197,7 @@ def resolve(spec: str, name: str = "data") -> ShardSet:
         raise SpecError(f"{name}: {exn}") from None
 
 
+@functools.lru_cache(maxsize=8)  # config validation and the trainer resolve the same spec in one process
 def _resolve(spec: str) -> ShardSet:
     shards: list[Shard] = []
     num_samples = 0
@@ -222,6 +227,12 @@ def _resolve(spec: str) -> ShardSet:
             source_uids = 1 + max(
                 (u for url in urls for s in read_shard(url) if (u := _json_uid(s)) is not None),
                 default=-1,
+            )
+        if json_uids and source_uids > MAX_UID_SPREAD * sum(counts) + 1024:
+            raise SpecError(
+                f"the uids of {part!r} reach {source_uids - 1:,} for {sum(counts):,} samples, and the selection "
+                f"history keeps a slot per uid up to the largest: write dense uids 0..N-1 (python -m "
+                f"dissect_ds.prepare does), or drop 'uid' from the JSON to derive them from shard order"
             )
         within = 0
         for url, count in zip(urls, counts):

@@ -51,6 +51,7 @@ class ShardWriter:
         self.sizes: dict[str, int] = {}
         self.num_samples = 0
         self._max_uid = -1
+        self._seen = bytearray()  # one bit per uid
         self._tar: wds.TarWriter | None = None
         self._name = ""
 
@@ -66,6 +67,14 @@ class ShardWriter:
         """Add one pair; its JSON is ``{"uid": uid, **meta}``."""
         if image_ext not in IMAGE_EXTS:
             raise ValueError(f"image_ext must be one of {IMAGE_EXTS}, got {image_ext!r}")
+        if uid < 0:
+            raise ValueError(f"uid must be >= 0, got {uid}")
+        # Two pairs with one uid would share one selection-history slot: refuse the second.
+        if uid >= len(self._seen) * 8:
+            self._seen.extend(bytes(max(uid // 8 + 1 - len(self._seen), len(self._seen))))
+        if self._seen[uid // 8] & (1 << (uid % 8)):
+            raise ValueError(f"uid {uid} written twice (uids must be unique over the data set)")
+        self._seen[uid // 8] |= 1 << (uid % 8)
         if self._tar is None or self.sizes[self._name] >= self.shard_size:
             self._open_next()
         assert self._tar is not None

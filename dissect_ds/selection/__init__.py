@@ -1,7 +1,8 @@
 """Sample selection: which pairs of each global batch are trained on (DISSect and baselines).
 
 The trainer builds one :class:`Selector` from the ``selection`` config section and calls
-``select`` before and ``after_step`` after every optimizer step; strategies live in the
+``select`` before each micro-batch and ``after_step`` after each optimizer step (all
+schedules count optimizer steps); strategies live in the
 :data:`STRATEGIES` registry, so the train loop never branches on a strategy name.
 """
 

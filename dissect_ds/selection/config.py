@@ -7,20 +7,22 @@ from dataclasses import dataclass
 
 SCOPES = ("global", "local")
 WARMUP_MODES = ("random", "full")
-HISTORY_DTYPES = ("float16", "float32")
+HISTORY_DTYPES = ("auto", "float16", "float32")
 
 
 @dataclass
 class SelectionConfig:
     """Which pairs of each global batch are trained on (YAML section ``selection``).
 
-    Steps are 0-based; step ``s`` is in warm-up iff ``s < warmup_length(steps_per_epoch)``.
+    Steps are 0-based optimizer steps (a step of ``train.grad_accum`` micro-batches counts
+    once); step ``s`` is in warm-up iff ``s < warmup_length(steps_per_epoch)``.
     During warm-up every strategy but ``none`` trains on a random ``rate`` subset
     (``warmup_mode: random``) or on the full batch (``full``).
     """
 
     strategy: str = "none"
-    """none|random|big_loss|small_loss|clipscore|dissect_warmup|dissect_momentum|dissect_model"""
+    """none|random|big_loss|small_loss|current_score|dissect_warmup|dissect_momentum|dissect_model
+    (``clipscore``: deprecated alias of ``current_score``)."""
     rate: float = 1.0
     """In (0, 1]; k = max(1, floor(rate * B)) pairs of the global batch B are kept."""
     scope: str = "global"
@@ -40,13 +42,16 @@ class SelectionConfig:
     step after the snapshot (w_h <- decay * w_h + (1 - decay) * w)."""
     cache_hist_scores: bool = False
     """dissect_model: score each uid once per snapshot; kept in the sharded score memory."""
-    history_dtype: str = "float16"
-    """float16|float32: element type of the score memory (scores lie in [0, 100])."""
+    history_dtype: str = "auto"
+    """auto|float16|float32: element type of the score memory (scores lie in [0, 100]).
+    auto: float32 for dissect_momentum, whose EMA increments (1 - beta) * (c - h) fall below
+    half a float16 ulp (0.03 at scores 64-100) and would be lost; float16 (2 bytes per uid)
+    for the stored-once scores of dissect_warmup and of dissect_model's cache."""
     record: bool = False
     """Each rank appends <run_dir>/selection/rank{R}.jsonl, one line per scored pair."""
     shadow: bool = False
     """Compute the differential against a live snapshot without using it for selection
-    (strategies without a historical score of their own: none, random, *_loss, clipscore)."""
+    (strategies without a historical score of their own: none, random, *_loss, current_score)."""
     shadow_step: int = -1
     """The shadow snapshot is taken in ``after_step(shadow_step)``, i.e. holds the weights
     after ``shadow_step + 1`` updates. -1: at the end of warm-up, or the initial weights
@@ -60,10 +65,11 @@ class SelectionConfig:
 
     def validate(self) -> list[str]:
         """One line per problem, each naming the key and what is allowed; [] when valid."""
-        from dissect_ds.selection.strategies import STRATEGIES
+        from dissect_ds.selection.strategies import STRATEGIES, strategy_class
 
         errors: list[str] = []
-        if self.strategy not in STRATEGIES:
+        cls = strategy_class(self.strategy)
+        if cls is None:
             return [f"selection.strategy: {self.strategy!r} is not one of {'|'.join(STRATEGIES)}"]
         if not (0.0 < self.rate <= 1.0):
             errors.append(f"selection.rate: {self.rate} must be in (0, 1]")
@@ -85,5 +91,5 @@ class SelectionConfig:
             errors.append(f"selection.history_dtype: {self.history_dtype!r} is not one of {'|'.join(HISTORY_DTYPES)}")
         if self.shadow_step < -1:
             errors.append(f"selection.shadow_step: {self.shadow_step} must be >= 0, or -1 (end of warm-up)")
-        errors += STRATEGIES[self.strategy].validate(self)
+        errors += cls.validate(self)
         return errors

@@ -55,7 +55,7 @@ class LiveSnapshot:
     The snapshot is taken in ``after_step(snapshot_after)``, so it holds the weights after
     ``snapshot_after + 1`` updates and serves steps ``> snapshot_after``. (The first step
     after a snapshot or refresh scores it against the same weights: d is flat up to
-    numerical noise, and exact ties fall back to the uid order.) With
+    numerical noise, and exact ties are broken at random.) With
     ``snapshot_after == -1`` it is taken from the initial weights, right before the first
     scoring. Afterwards it is refreshed in ``after_step(s)`` whenever
     ``(s - snapshot_after) % refresh_steps == 0``, or EMA-updated in every ``after_step``

@@ -26,7 +26,7 @@ class Features:
 
 
 def clip_score(f: Features) -> torch.Tensor:
-    """s(i) = max(0, 100 * cos(img_i, txt_i)): ``[b]`` float32 (METHOD.md's correlation)."""
+    """s(i) = max(0, 100 * cos(img_i, txt_i)): ``[b]`` float32 (the correlation of docs/method.md)."""
     return (100.0 * (f.image.float() * f.text.float()).sum(dim=-1)).clamp_min(0.0)
 
 
@@ -35,7 +35,8 @@ def differential(historical: torch.Tensor, current: torch.Tensor) -> torch.Tenso
 
     Large d: the pair's score rose *least* relative to history (kept by DISSect).
     Evaluated as (h_i - c_i) - (mean(h) - mean(c)) so pairs with h_i == c_i (e.g. no
-    history yet) get bitwise-equal d and are ordered by uid, not by rounding noise.
+    history yet) get bitwise-equal d, and the top-k breaks their tie at random instead of
+    by rounding noise.
     """
     return (historical - current) - (historical.mean() - current.mean())
 
@@ -63,17 +64,19 @@ def per_sample_contrastive_loss(
     return 0.5 * (F.cross_entropy(i2t, target, reduction="none") + F.cross_entropy(t2i, target, reduction="none"))
 
 
-def random_priority(seed: int, step: int, uids: torch.Tensor) -> torch.Tensor:
-    """Uniform random priorities for a global batch, a pure function of (seed, step, uids).
+def random_priority(seed: int, step: int, uids: torch.Tensor, micro: int = 0) -> torch.Tensor:
+    """Uniform random priorities for a global batch, a pure function of (seed, step, micro, uids).
 
-    Values are drawn from a CPU generator seeded by (seed, step) and assigned in
-    stable uid-sorted order, so every rank, any world size, and CPU or GPU runs draw
-    the same ones for the same global batch. ``uids``: ``[B]`` int64 -> ``[B]`` float32
-    on ``uids.device``.
+    ``micro``: the micro-batch of the optimizer step ``step`` under gradient accumulation,
+    so the micro-batches of one step draw differently. Values are drawn from a CPU
+    generator seeded by (seed, step, micro) and assigned in stable uid-sorted order, so
+    every rank, any world size, and CPU or GPU runs draw the same ones for the same global
+    batch. ``uids``: ``[B]`` int64 -> ``[B]`` float32 on ``uids.device``.
     """
     gen = torch.Generator(device="cpu")
-    # Odd multipliers spread (seed, step) over the generator's seed space.
-    gen.manual_seed((int(seed) * 0x9E3779B1 + int(step) * 0x85EBCA77 + 0x27D4EB2F) % (2**63))
+    # Odd multipliers spread (seed, step, micro) over the generator's seed space.
+    mixed = int(seed) * 0x9E3779B1 + int(step) * 0x85EBCA77 + int(micro) * 0xC2B2AE3D + 0x27D4EB2F
+    gen.manual_seed(mixed % (2**63))
     draws = torch.rand(uids.shape[0], generator=gen).to(uids.device)
     out = torch.empty_like(draws)
     out[torch.argsort(uids, stable=True)] = draws
@@ -81,17 +84,19 @@ def random_priority(seed: int, step: int, uids: torch.Tensor) -> torch.Tensor:
 
 
 def topk_mask(
-    priority: torch.Tensor, uids: torch.Tensor, k_per_group: torch.Tensor, group: torch.Tensor | None = None
+    priority: torch.Tensor, tiebreak: torch.Tensor, k_per_group: torch.Tensor, group: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Keep the ``k`` largest priorities of each group, ties broken by smaller uid.
+    """Keep the ``k`` largest priorities of each group, ties broken by the larger ``tiebreak``.
 
-    ``priority``: ``[B]`` float (no NaN), ``uids``: ``[B]`` int64, ``group``: ``[B]`` int64
-    group id in [0, G) (None: one group), ``k_per_group``: ``[G]`` int64. Returns a ``[B]``
-    bool mask. Equal (priority, uid) pairs keep their batch order, so the result is a
-    pure function of the inputs; three stable sorts, O(B log B), no Python loop.
+    ``priority``: ``[B]`` float (no NaN), ``tiebreak``: ``[B]`` float (the Selector passes
+    :func:`random_priority`, so tied pairs are kept in no particular uid order),
+    ``group``: ``[B]`` int64 group id in [0, G) (None: one group), ``k_per_group``: ``[G]``
+    int64. Returns a ``[B]`` bool mask. Equal (priority, tiebreak) pairs keep their batch
+    order, so the result is a pure function of the inputs; three stable sorts,
+    O(B log B), no Python loop.
     """
     n = priority.shape[0]
-    order = torch.argsort(uids, stable=True)
+    order = torch.argsort(-tiebreak, stable=True)
     order = order[torch.argsort(-priority[order], stable=True)]
     if group is None:
         group = torch.zeros(n, dtype=torch.long, device=priority.device)
@@ -105,27 +110,42 @@ def topk_mask(
     return mask
 
 
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of ``x`` (``[n]``), ties sharing their average rank: ``[n]`` float64."""
+    x = x.double().flatten()
+    sorted_x, order = torch.sort(x)
+    _, inverse, counts = torch.unique_consecutive(sorted_x, return_inverse=True, return_counts=True)
+    # Average 1-based rank of each run of ties: first rank + (count - 1) / 2.
+    first = torch.cumsum(counts, 0) - counts + 1
+    ranks = torch.empty_like(x)
+    ranks[order] = (first.double() + (counts.double() - 1) / 2)[inverse]
+    return ranks
+
+
 def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
     """Area under the ROC curve of ``scores`` (higher = positive) for ``positive`` labels.
 
     Rank-based (Mann-Whitney U) with average ranks for ties; ``[n]`` float, ``[n]`` bool.
     NaN when either class is empty.
     """
-    scores = scores.double().flatten()
     positive = positive.flatten().bool()
     n_pos = int(positive.sum())
     n_neg = positive.numel() - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    sorted_scores, order = torch.sort(scores)
-    _, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
-    # Average 1-based rank of each run of ties: first rank + (count - 1) / 2.
-    first = torch.cumsum(counts, 0) - counts + 1
-    avg_rank = (first.double() + (counts.double() - 1) / 2)[inverse]
-    ranks = torch.empty_like(avg_rank)
-    ranks[order] = avg_rank
-    u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2
+    u = average_ranks(scores)[positive].sum() - n_pos * (n_pos + 1) / 2
     return float(u / (n_pos * n_neg))
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation of ``[n]`` and ``[n]`` (average ranks for ties): a float64 scalar.
+
+    NaN when either side is constant (e.g. a flat differential). Stays on the device, so
+    the caller decides when to sync.
+    """
+    ra, rb = average_ranks(a), average_ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return (ra * rb).sum() / ((ra * ra).sum() * (rb * rb).sum()).sqrt()
 
 
 def last_occurrence(uids: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The selection step of DESIGN.md: score, look up history, pick the global top-k, log."""
+"""The selection step (docs/design.md): score, look up history, pick the global top-k, log."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import torch
 
 from dissect_ds import distributed as dist
 from dissect_ds.selection.config import SelectionConfig
-from dissect_ds.selection.diagnostics import NoiseAuroc, Recorder, score_vectors, step_metrics
+from dissect_ds.selection.diagnostics import EarlySnapshotAlarm, NoiseAuroc, Recorder, score_vectors, step_metrics
 from dissect_ds.selection.historical import HistoricalModel, LiveSnapshot, sync
 from dissect_ds.selection.memory import ScoreMemory
 from dissect_ds.selection.scoring import Features, clip_score, per_sample_contrastive_loss, random_priority, topk_mask
-from dissect_ds.selection.strategies import STRATEGIES, ScoredBatch
+from dissect_ds.selection.strategies import ALIASES, ScoredBatch, strategy_class
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,7 @@ class Selection:
 def _check_same_on_all_ranks(mask: torch.Tensor, what: str) -> None:
     """Raise on every rank if ``mask`` differs between ranks; one all-reduce(max).
 
-    Same checksum as :func:`dissect_ds.distributed.assert_same_on_all_ranks`, but max and
-    -min travel in one collective instead of two: this runs every step.
+    A checksum whose max and -min travel in one collective: this runs every step.
     """
     if dist.world_size() == 1:
         return
@@ -74,14 +73,22 @@ class Selector:
     (features: O(B D)).
     Every rank computes the same mask over the global batch, equal to what one process
     computes on the concatenated batch, and keeps its own rows.
+    After warm-up, a strategy that ranks by the differential warns on rank 0 when d ranks
+    against the current score (:class:`~dissect_ds.selection.diagnostics.EarlySnapshotAlarm`).
 
     ``time/select`` is the step's wall time minus the scoring forwards (``time/score``,
     ``time/score_hist``) and minus ``time/select_wait``, the time spent in the step's
     first collective waiting for slower ranks (load skew the train step would otherwise
     absorb). Timing metrics are this rank's own, not global.
 
-    Collective contract: all ranks call :meth:`select` and :meth:`after_step` once per
-    step, :meth:`state_dict` and :meth:`load_state_dict` together. ``make_historical``
+    Steps are optimizer steps: warm-up length, snapshot, refresh, EMA and shadow schedules
+    count optimizer updates whatever ``train.grad_accum`` is. Under gradient accumulation
+    each micro-batch is selected on its own (``select(step, ..., micro=m)``), and
+    :meth:`after_step` runs once, after the step's optimizer update.
+
+    Collective contract: all ranks call :meth:`select` once per micro-batch and
+    :meth:`after_step` once per optimizer step, :meth:`state_dict` and
+    :meth:`load_state_dict` together. ``make_historical``
     (collective) builds the host-resident historical model, lazily, for ``dissect_model``
     and ``shadow``.
     """
@@ -107,9 +114,10 @@ class Selector:
         self.cfg, self.num_uids, self.rank, self.world_size = cfg, int(num_uids), int(rank), int(world_size)
         self.device, self.seed = torch.device(device), int(seed)
         self.warmup_length = cfg.warmup_length(steps_per_epoch)
-        cls = STRATEGIES[cfg.strategy]
+        cls = strategy_class(cfg.strategy)
+        self.history_dtype = cls.history_dtype(cfg)
         memory = (
-            ScoreMemory(num_uids, rank, world_size, cfg.history_dtype, self.device) if cls.needs_memory(cfg) else None
+            ScoreMemory(num_uids, rank, world_size, self.history_dtype, self.device) if cls.needs_memory(cfg) else None
         )
         snapshot = None
         if cls.needs_snapshot(cfg):
@@ -132,10 +140,12 @@ class Selector:
         if cfg.record and run_dir is None:
             log.warning("selection.record is set but no run_dir was given: not recording")
         self.noise_auroc = NoiseAuroc()
+        # Only where selection follows the differential, and one warning line: rank 0.
+        self.alarm = EarlySnapshotAlarm() if rank == 0 and cls.has_historical() else None
 
     # ---------------------------------------------------------------- the step
-    def select(self, step: int, batch, encode: Callable[[object], Features]) -> Selection:
-        """Select this rank's rows of ``batch`` for ``step`` (collective).
+    def select(self, step: int, batch, encode: Callable[[object], Features], micro: int = 0) -> Selection:
+        """Select this rank's rows of ``batch``, micro-batch ``micro`` of optimizer step ``step`` (collective).
 
         ``batch`` has ``.uids`` (``[b]`` int64), ``.noisy`` (``[b]`` bool or None) and
         ``len()``; ``encode(batch)`` is the current model's no-grad inference-mode forward
@@ -151,7 +161,7 @@ class Selector:
             feats = encode(batch)
             sync(self.device)
             score_seconds = time.perf_counter() - t0
-        sb = self._gather_batch(step, in_warmup, batch, feats)
+        sb = self._gather_batch(step, micro, in_warmup, batch, feats)
         if feats is not None:
             sb.timings["time/score"] = score_seconds
         if with_loss:
@@ -161,14 +171,14 @@ class Selector:
             sb.set_historical(self.shadow.scores(batch, sb.uids, sb.sizes, step, sb.timings))
 
         if in_warmup and strategy.obeys_warmup:
-            priority = random_priority(self.seed, step, sb.uids) if cfg.warmup_mode == "random" else None
+            priority = random_priority(self.seed, step, sb.uids, micro) if cfg.warmup_mode == "random" else None
         else:
             priority = strategy.priority(sb)
         mask = self._topk(priority, sb)
         if priority is not None:
             # Cheap insurance: a rank that diverged would train on other pairs than its peers
             # think, and the gathered loss would silently mix two selections.
-            _check_same_on_all_ranks(mask, f"selection mask at step {step}")
+            _check_same_on_all_ranks(mask, f"selection mask at step {step} (micro-batch {micro})")
         strategy.update(sb, mask)
 
         rows = dist.local_slice(sb.sizes, self.rank)
@@ -176,6 +186,8 @@ class Selector:
         metrics = step_metrics(sb, mask, scores)
         if self.rank == 0:
             self.noise_auroc.add(sb)
+        if self.alarm is not None and not in_warmup:
+            self.alarm.add(step, metrics)
         if self.recorder is not None:
             self.recorder.write(sb, rows, mask)
         # Always present (0 without a forward) so every metrics line has the same timing keys.
@@ -186,7 +198,7 @@ class Selector:
         selected = torch.stack([m.sum() for m in mask.split(sb.sizes)]).tolist()  # one host sync
         return Selection(mask[rows], int(metrics["selected"]), selected, metrics, histograms)
 
-    def _gather_batch(self, step: int, in_warmup: bool, batch, feats: Features | None) -> ScoredBatch:
+    def _gather_batch(self, step: int, micro: int, in_warmup: bool, batch, feats: Features | None) -> ScoredBatch:
         """Gather uids, noise labels and (when scored) current scores in one all-gather.
 
         Packed as float64 columns ``[uid, noisy code, c]``: exact for uids < 2**53 and
@@ -212,6 +224,7 @@ class Selector:
                 raise ValueError(f"selection: uid out of range [0, {self.num_uids}): min {int(lo)}, max {int(hi)}")
         return ScoredBatch(
             step=step,
+            micro=micro,
             in_warmup=in_warmup,
             seed=self.seed,
             batch=batch,
@@ -237,18 +250,25 @@ class Selector:
         n = sb.uids.shape[0]
         if priority is None:
             return torch.ones(n, dtype=torch.bool, device=self.device)
+        # Exact ties are common (unseen pairs have h = c, so d is flat; so is the first step
+        # after a snapshot): break them by a per-(step, uid) draw, not by uid, which would
+        # keep the smallest uids of every such batch.
+        tiebreak = random_priority(self.seed, sb.step, sb.uids, sb.micro)
         if self.cfg.scope == "local":
             group = torch.repeat_interleave(
                 torch.arange(len(sb.sizes), device=self.device), torch.tensor(sb.sizes, device=self.device)
             )
             k = torch.tensor([_k(self.cfg.rate, s) for s in sb.sizes], dtype=torch.long)
-            return topk_mask(priority, sb.uids, k, group)
+            return topk_mask(priority, tiebreak, k, group)
         k = torch.tensor([_k(self.cfg.rate, n)], dtype=torch.long)
-        return topk_mask(priority, sb.uids, k)
+        return topk_mask(priority, tiebreak, k)
 
     # ---------------------------------------------------------------- schedule
     def after_step(self, step: int) -> None:
-        """Snapshot at warm-up end, refresh or EMA update (collective; call every step)."""
+        """Snapshot at warm-up end, refresh or EMA update (collective).
+
+        Call once per optimizer step, after its update (i.e. after the last micro-batch).
+        """
         self.strategy.after_step(step)
         if self.shadow is not None:
             self.shadow.after_step(step)
@@ -276,11 +296,11 @@ class Selector:
         """
         return {
             "version": STATE_VERSION,
-            "strategy": self.cfg.strategy,
+            "strategy": self.strategy.name,
             "world_size": self.world_size,
             "rank": self.rank,
             "num_uids": self.num_uids,
-            "history_dtype": self.cfg.history_dtype,
+            "history_dtype": self.history_dtype,
             "memory": self.memory.state_dict() if self.memory is not None else None,
             "strategy_state": self.strategy.state_dict(),
             "shadow": self.shadow.state_dict() if self.shadow is not None else None,
@@ -299,13 +319,14 @@ class Selector:
         if self.memory is not None:
             saved = [s["memory"] for s in shards if s.get("memory") is not None]
             # Another strategy's memory means something else (e.g. cached snapshot scores).
-            if saved and shards[0].get("strategy") == self.cfg.strategy:
+            saved_strategy = shards[0].get("strategy")
+            if saved and ALIASES.get(saved_strategy, saved_strategy) == self.strategy.name:
                 self.memory.load_shards(saved)
             else:
                 log.warning(
                     "selection checkpoint has no %s score memory (saved: %s): history starts empty",
-                    self.cfg.strategy,
-                    shards[0].get("strategy"),
+                    self.strategy.name,
+                    saved_strategy,
                 )
         self.strategy.load_state_dict([s.get("strategy_state") or {} for s in shards])
         if self.shadow is not None:

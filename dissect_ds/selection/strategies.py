@@ -8,6 +8,7 @@ sees the *global* batch (the same on every rank) and must decide the same on eve
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -20,6 +21,8 @@ from dissect_ds.selection.scoring import Features, differential, random_priority
 if TYPE_CHECKING:
     from dissect_ds.selection.config import SelectionConfig
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class ScoredBatch:
@@ -28,7 +31,8 @@ class ScoredBatch:
     Tensors are global (rank order, identical on every rank) unless marked local.
     """
 
-    step: int
+    step: int  # optimizer step
+    micro: int  # micro-batch of the step (gradient accumulation)
     in_warmup: bool
     seed: int
     batch: object  # this rank's batch, for historical-model forwards
@@ -61,6 +65,8 @@ class Strategy:
     """During warm-up the Selector trains on a random/full subset instead of asking."""
     own_keys: ClassVar[dict[str, object]] = {}
     """Config keys (with their defaults) that only this strategy reads."""
+    auto_history_dtype: ClassVar[str] = "float16"
+    """What ``history_dtype: auto`` means for the score memory, where there is one."""
 
     def __init__(self, cfg: SelectionConfig, memory: ScoreMemory | None, snapshot: LiveSnapshot | None) -> None:
         self.cfg, self.memory, self.snapshot = cfg, memory, snapshot
@@ -85,6 +91,11 @@ class Strategy:
     def needs_memory(cls, cfg: SelectionConfig) -> bool:
         """Whether a per-uid :class:`ScoreMemory` is allocated."""
         return False
+
+    @classmethod
+    def history_dtype(cls, cfg: SelectionConfig) -> str:
+        """The score memory's element type: ``cfg.history_dtype`` with ``auto`` resolved."""
+        return cls.auto_history_dtype if cfg.history_dtype == "auto" else cfg.history_dtype
 
     @classmethod
     def needs_snapshot(cls, cfg: SelectionConfig) -> bool:
@@ -116,7 +127,7 @@ class Strategy:
         """Bookkeeping after the global ``mask`` ([B] bool) is chosen."""
 
     def after_step(self, step: int) -> None:
-        """After the optimizer update of ``step`` (collective where a model is involved)."""
+        """After the optimizer update of optimizer step ``step`` (collective where a model is involved)."""
         if self.snapshot is not None:
             self.snapshot.after_step(step)
 
@@ -141,13 +152,17 @@ class Random(Strategy):
     name = "random"
 
     def priority(self, sb: ScoredBatch) -> torch.Tensor:
-        return random_priority(sb.seed, sb.step, sb.uids)
+        return random_priority(sb.seed, sb.step, sb.uids, sb.micro)
 
 
-class ClipScore(Strategy):
-    """``clipscore``: keep the highest current scores (the current model as its own oracle)."""
+class CurrentScore(Strategy):
+    """``current_score``: keep the highest current scores c, ranked by the model being trained.
 
-    name = "clipscore"
+    Not the paper's CLIPScore baseline, which scores pairs with a pretrained oracle model;
+    here the current model is its own oracle (formerly named ``clipscore``).
+    """
+
+    name = "current_score"
 
     def needs_current(self, in_warmup: bool) -> bool:
         return not in_warmup
@@ -236,6 +251,8 @@ class DissectMomentum(_MemoryHistory):
     """
 
     name = "dissect_momentum"
+    # h moves by (1 - beta) * (c - h) per visit, e.g. 0.01: lost in float16 at scores >= 64.
+    auto_history_dtype = "float32"
 
     def update(self, sb: ScoredBatch, mask: torch.Tensor) -> None:
         beta = self.cfg.beta
@@ -283,6 +300,23 @@ class DissectModel(Differential):
 
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
-    for cls in (FullBatch, Random, BigLoss, SmallLoss, ClipScore, DissectWarmup, DissectMomentum, DissectModel)
+    for cls in (FullBatch, Random, BigLoss, SmallLoss, CurrentScore, DissectWarmup, DissectMomentum, DissectModel)
 }
 """``selection.strategy`` name -> class."""
+
+ALIASES: dict[str, str] = {"clipscore": "current_score"}
+"""Deprecated ``selection.strategy`` names -> their current names."""
+_warned: set[str] = set()
+
+
+def strategy_class(name: str) -> type[Strategy] | None:
+    """The strategy registered as ``name``, or under the deprecated alias ``name``; None if unknown.
+
+    An alias logs one deprecation line per process, however often a config is validated.
+    """
+    if name in ALIASES:
+        if name not in _warned:
+            _warned.add(name)
+            log.warning("selection.strategy: %r is deprecated, use %r (same behaviour)", name, ALIASES[name])
+        name = ALIASES[name]
+    return STRATEGIES.get(name)

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from dissect_ds.distributed import free_port
+from dissect_ds.metrics import read_metrics
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_overrides(data: Path, out: Path, name: str) -> list[str]:
@@ -61,7 +56,7 @@ def torchrun(
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    return read_metrics(run_dir)
 
 
 def losses(run_dir: Path) -> dict[int, float]:

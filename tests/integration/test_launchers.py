@@ -120,3 +120,78 @@ def test_deepspeed_multinode_launcher_slurm(reference, synthetic, tmp_path, slur
           *_args(synthetic, reference, "ds-slurm")])  # fmt: skip
     _assert_trained_to_the_end(run)
     _assert_same_losses(run, reference / "torchrun")
+
+
+def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = TIMEOUT) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run / "metrics.jsonl").exists() and any(m.get("step", 0) >= step for m in metrics(run)):
+            return
+        assert proc.poll() is None, f"the run ended early: {proc.stdout.read()[-4000:] if proc.stdout else ''}"
+        time.sleep(0.5)
+    raise AssertionError(f"step {step} never logged")
+
+
+def _ranks_of(name: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", f"dissect_ds.train.*run.name={name}( |$)"], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def test_killing_the_deepspeed_launcher_checkpoints_and_stops_the_ranks(synthetic, tmp_path):
+    """SIGTERM to the deepspeed runner alone: its ranks notice, checkpoint and exit."""
+    import time
+
+    name = "orphan"
+    args = [*_args(synthetic, tmp_path, name), "train.steps=100000", "checkpoint.every_steps=0"]
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "dissect_ds.train"]
+    runner = subprocess.Popen(
+        [*cmd, *args], cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    run = tmp_path / name
+    try:
+        _wait_for_step(run, 2, runner)
+        runner.terminate()  # the runner only: its launch.py child and the ranks are left running
+        runner.wait(timeout=60)
+        deadline = time.time() + 300
+        while _ranks_of(name) and time.time() < deadline:
+            time.sleep(1)
+        assert not _ranks_of(name), "ranks kept training after their launcher died"
+    finally:
+        for pid in _ranks_of(name):
+            subprocess.run(["kill", "-9", str(pid)])
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    last = max(m["step"] for m in metrics(run))
+    assert latest == f"step{last:08d}"  # the checkpoint of the last step, written on the way out
+
+
+def test_a_second_run_of_the_same_directory_is_refused(synthetic, tmp_path):
+    name = "locked"
+    args = [*_args(synthetic, tmp_path, name), "train.steps=100000", "checkpoint.every_steps=0", "resume=latest"]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "dissect_ds.train", *args], cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        _wait_for_step(tmp_path / name, 1, first)
+        second = subprocess.run(
+            [sys.executable, "-m", "dissect_ds.train", *args],
+            cwd=ROOT,
+            env=launch_env(),
+            capture_output=True,
+            text=True,
+        )
+        assert second.returncode == 2
+        assert f"is in use by pid {first.pid}" in second.stderr, second.stderr[-2000:]
+        assert first.poll() is None  # the first run is untouched
+    finally:
+        first.kill()
+        first.wait()
+    # The holder died without releasing: its lock is stale, and the next run takes it over.
+    assert (tmp_path / name / ".lock").exists()
+    proc = subprocess.run(
+        [sys.executable, "-m", "dissect_ds.train", *args[:-3], "train.steps=1", "checkpoint.every_steps=0"],
+        cwd=ROOT, env=launch_env(), capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (tmp_path / name / ".lock").exists()

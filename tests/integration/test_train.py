@@ -196,3 +196,52 @@ def test_corrupt_samples_are_skipped_and_counted(synthetic, tmp_path):
     assert skipped >= 2 * broken * 0.9
     assert last["data/skipped_corrupt_image"] > 0 and last["data/skipped_missing_caption"] > 0
     assert last["data/skipped_bad_json"] > 0
+
+
+def test_divergence_stops_the_run_without_writing_bad_weights(synthetic, tmp_path):
+    proc = torchrun(
+        2,
+        [
+            *tiny_overrides(synthetic, tmp_path, "nan"),
+            "train.lr=1e4",
+            "train.steps=20",
+            "checkpoint.every_steps=1",
+            "checkpoint.keep=100",
+            "selection.strategy=none",
+        ],
+        check=False,
+    )
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: training diverged at step")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    step = int(errors[0].split("at step ")[1].split(":")[0])
+    assert step < 20
+    run = tmp_path / "nan"
+    assert not (run / "open_clip_model.pt").exists() and not (run / "eval.json").exists()
+    tags = sorted(p for p in (run / "checkpoints").iterdir() if p.is_dir())
+    assert len(tags) < step  # nothing at or after the diverged step
+    for tag in tags:
+        for f in tag.glob("*model_states.pt"):
+            module = torch.load(f, map_location="cpu", weights_only=False)["module"]
+            assert all(torch.isfinite(v).all() for v in module.values() if v.is_floating_point()), f
+
+
+def test_resume_at_another_world_size_resaves_a_tag_cleanly(synthetic, tmp_path):
+    """ZeRO-0 state moves between world sizes; re-saving a tag written by 2 ranks from 1 rank
+    must leave a tag of 1 rank that the next resume reads."""
+    common = [
+        *tiny_overrides(synthetic, tmp_path, "ws"),
+        "deepspeed.zero_stage=0",
+        "checkpoint.every_steps=4",
+        "checkpoint.keep=10",
+        "data.val=null",
+        "selection.strategy=dissect_momentum",
+        "selection.rate=0.5",
+    ]
+    torchrun(2, [*common, "train.steps=8"])
+    tags = tmp_path / "ws" / "checkpoints"
+    torchrun(1, [*common, "train.steps=8", f"resume={tags / 'step00000004'}"])
+    assert sorted(p.name for p in (tags / "step00000008").glob("rank*.pt")) == ["rank00000.pt"]
+    proc = torchrun(1, [*common, "train.steps=10", "resume=latest"])
+    assert "resumed from" in proc.stdout and "at step 8" in proc.stdout
+    assert max(losses(tmp_path / "ws")) == 10

@@ -88,3 +88,20 @@ def test_cli_exits_2_with_one_line(args, synthetic):
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "WARNING" not in ln and "warn" not in ln.lower()]
     assert len(lines) == 1 and lines[0].startswith("config error:"), proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.classnames=/nope.txt", "data.classnames"),  # was accepted, then crashed the final evaluation
+        ("data.shuffle_buffer=-1", "data.shuffle_buffer"),
+        ("data.num_workers=-2", "data.num_workers"),
+    ],
+)
+def test_the_data_section_validates_itself(synthetic, override, message):
+    with pytest.raises(C.ConfigError, match=message):
+        C.load(None, [*_data(synthetic), override])
+
+
+def test_no_shuffle_buffer_is_allowed(synthetic):
+    assert C.load(None, [*_data(synthetic), "data.shuffle_buffer=0"]).data.shuffle_buffer == 0

@@ -314,7 +314,7 @@ def _corrupt_set(root: Path) -> tuple[set[int], dict[str, int]]:
     (root / "sizes.json").write_text(json.dumps(sizes))
     (root / "info.json").write_text(json.dumps({"num_samples": 200, "num_uids": 200, "uids": "json"}))
     good = set(range(200)) - set(bad)
-    return good, {"corrupt_image": 4, "missing_caption": 3, "bad_json": 3}
+    return good, {"corrupt_image": 4, "missing_caption": 3, "bad_json": 3, "lost_in_shard": 0}
 
 
 def test_bad_samples_are_skipped_counted_and_batches_stay_full(tmp_path: Path) -> None:

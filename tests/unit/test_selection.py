@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -72,7 +74,9 @@ def test_config_defaults_valid_and_errors_name_the_key():
         assert any(e.startswith(f"selection.{key}:") for e in errors), (key, errors)
     assert all("\n" not in e for e in errors)
     assert SelectionConfig(strategy="dissect_warmup").validate()[0].startswith("selection.warmup_steps")
-    assert SelectionConfig(strategy="clipscore", refresh_steps=5).validate()[0].startswith("selection.refresh_steps")
+    assert (
+        SelectionConfig(strategy="current_score", refresh_steps=5).validate()[0].startswith("selection.refresh_steps")
+    )
     assert SelectionConfig(strategy="dissect_momentum", shadow=True).validate()[0].startswith("selection.shadow")
     assert SelectionConfig(strategy="nope").validate()[0].startswith("selection.strategy")
     with pytest.raises(ValueError, match="selection.rate"):
@@ -87,15 +91,17 @@ def test_warmup_length_steps_or_epochs_larger_wins():
 
 
 # ------------------------------------------------------------------ pure functions
-def test_topk_ties_broken_by_smaller_uid_and_groups():
-    uids = torch.tensor([9, 3, 7, 1, 5, 2])
+def test_topk_ties_broken_by_tiebreak_and_groups():
     prio = torch.tensor([1.0, 1.0, 2.0, 1.0, 1.0, 0.0])
-    mask = topk_mask(prio, uids, torch.tensor([3]))
-    assert mask.tolist() == [False, True, True, True, False, False]  # 7 (best), then uids 1, 3
+    tie = torch.tensor([0.1, 0.5, 0.0, 0.9, 0.3, 1.0])
+    mask = topk_mask(prio, tie, torch.tensor([3]))
+    assert mask.tolist() == [False, True, True, True, False, False]  # row 2 (best), then tiebreaks 0.9, 0.5
     group = torch.tensor([0, 0, 0, 1, 1, 1])
-    mask = topk_mask(prio, uids, torch.tensor([1, 2]), group)
+    mask = topk_mask(prio, tie, torch.tensor([1, 2]), group)
     assert mask.tolist() == [False, False, True, True, True, False]
-    assert not topk_mask(prio, uids, torch.tensor([0, 0]), group).any()
+    assert not topk_mask(prio, tie, torch.tensor([0, 0]), group).any()
+    # Equal (priority, tiebreak): batch order.
+    assert topk_mask(torch.zeros(4), torch.zeros(4), torch.tensor([2])).tolist() == [True, True, False, False]
 
 
 def test_random_priority_is_a_function_of_seed_step_and_uid():
@@ -137,7 +143,7 @@ def test_per_sample_loss_matches_open_clip_and_local_rows_map_to_global():
     torch.testing.assert_close(got.mean(), loss_fn(img, txt, scale))
 
 
-# ------------------------------------------------------------------ reference (METHOD.md, plain Python)
+# ------------------------------------------------------------------ reference (docs/method.md, plain Python)
 def ref_score(model: FakeClip, uid: int, version: float) -> float:
     f = model.features(torch.tensor([uid]), version)
     a, b = f.image[0].double().tolist(), f.text[0].double().tolist()
@@ -146,7 +152,7 @@ def ref_score(model: FakeClip, uid: int, version: float) -> float:
 
 
 def ref_dissect(kind: str, model: FakeClip, batches, cfg: SelectionConfig, warmup: int, seed: int):
-    """DISSect warm-up / momentum straight from METHOD.md, one pair at a time."""
+    """DISSect warm-up / momentum straight from the definitions in docs/method.md, one pair at a time."""
     as_dtype = {"float16": torch.float16, "float32": torch.float32}[cfg.history_dtype]
     rnd = lambda x: torch.tensor(x, dtype=as_dtype).item()  # noqa: E731 - the memory's rounding
     hist: dict[int, float] = {}
@@ -160,13 +166,10 @@ def ref_dissect(kind: str, model: FakeClip, batches, cfg: SelectionConfig, warmu
         k = max(1, math.floor(cfg.rate * n))
         if step < warmup:
             p = random_priority(seed, step, uids_t).tolist()
-            keep = (
-                set(range(n))
-                if cfg.warmup_mode == "full"
-                else set(sorted(range(n), key=lambda i: (-p[i], uids[i]))[:k])
-            )
+            keep = set(range(n)) if cfg.warmup_mode == "full" else set(sorted(range(n), key=lambda i: -p[i])[:k])
         else:
-            keep = set(sorted(range(n), key=lambda i: (-d[i], uids[i]))[:k])
+            tie = random_priority(seed, step, uids_t).tolist()  # exact ties in d: a seeded draw
+            keep = set(sorted(range(n), key=lambda i: (-d[i], -tie[i]))[:k])
         masks.append([i in keep for i in range(n)])
         for i, u in enumerate(uids):
             if kind == "dissect_warmup" and step < warmup:
@@ -207,7 +210,7 @@ def test_momentum_first_visit_is_the_current_score():
     uids = global_batches(1)[0]
     sel = run(selector, model, [uids])[0]
     c = clip_score(FakeClip(N, noisy=noisy_of(torch.arange(N))).features(uids, 0))
-    torch.testing.assert_close(selector.memory.lookup(uids), c.half().float())
+    torch.testing.assert_close(selector.memory.lookup(uids), c)  # float32 memory
     # Before the update h == c for every pair: the differential is exactly flat.
     assert sel.metrics["selection/differential_sel"] == sel.metrics["selection/differential_rej"] == 0.0
 
@@ -248,7 +251,7 @@ def test_random_ignores_warmup_mode_and_never_scores():
     assert not torch.equal(sels[0].mask, sels[1].mask)
 
 
-@pytest.mark.parametrize("name,sign", [("clipscore", None), ("big_loss", 1.0), ("small_loss", -1.0)])
+@pytest.mark.parametrize("name,sign", [("current_score", None), ("big_loss", 1.0), ("small_loss", -1.0)])
 def test_baselines_keep_the_extremes_of_their_signal(name, sign):
     selector, model, _ = make(SelectionConfig(strategy=name, rate=0.25, warmup_steps=1, warmup_mode="full"))
     uids = global_batches(2)
@@ -277,8 +280,9 @@ def test_dissect_model_snapshot_refresh_and_no_scoring_in_warmup():
         sel = run(selector, model, [uids], start=i)[0]
         c, h = clip_score(f.features(uids, i)), clip_score(f.features(uids, versions[-1]))
         d = ((h - c) - (h.mean() - c.mean())).tolist()
-        # Top 6 by d, ties by uid (at step 2 the snapshot *is* the current model: d == 0).
-        keep = sorted(range(B), key=lambda j: (-d[j], uids[j].item()))[:6]
+        # Top 6 by d, ties by the seeded draw (at step 2 the snapshot *is* the current model: d == 0).
+        tie = random_priority(7, i, uids).tolist()
+        keep = sorted(range(B), key=lambda j: (-d[j], -tie[j]))[:6]
         assert set(uids[sel.mask].tolist()) == set(uids[keep].tolist()), i
     assert len(hists) == 1 and versions == [2.0, 2.0, 2.0, 5.0, 5.0, 5.0]  # refreshed in after_step(4)
     assert hists[0].version == 8.0  # and in after_step(7)
@@ -310,7 +314,7 @@ def test_shadow_logs_the_differential_without_changing_selection():
     assert "selection/historical_sel" in sels[2].metrics and hists[0].version == 2.0
     assert "selection/differential" in sels[4].histograms and sels[4].histograms["selection/differential"].shape == (B,)
     # shadow_step=-1 without warm-up: a snapshot of the initial weights, before step 0.
-    selector, model, hists = make(SelectionConfig(strategy="clipscore", rate=0.5, shadow=True))
+    selector, model, hists = make(SelectionConfig(strategy="current_score", rate=0.5, shadow=True))
     sel = run(selector, model, global_batches(1))[0]
     assert hists[0].version == 0.0 and sel.metrics["selection/differential_sel"] == pytest.approx(0.0, abs=1e-4)
 
@@ -319,7 +323,7 @@ def test_shadow_logs_the_differential_without_changing_selection():
 def test_metrics_noise_and_epoch_auroc():
     # Noisy captions are unrelated: current scores separate them; the differential vs a
     # snapshot sees noisy scores rise faster (FakeClip memorises them 4x faster).
-    cfg = SelectionConfig(strategy="clipscore", rate=0.5, shadow=True, shadow_step=0)
+    cfg = SelectionConfig(strategy="current_score", rate=0.5, shadow=True, shadow_step=0)
     selector, model, _ = make(cfg)
     batches = global_batches(6)
     sels = run(selector, model, batches)
@@ -335,7 +339,7 @@ def test_metrics_noise_and_epoch_auroc():
 
 
 def test_record_writes_one_line_per_pair(tmp_path):
-    selector, model, _ = make(SelectionConfig(strategy="clipscore", rate=0.5, record=True), run_dir=str(tmp_path))
+    selector, model, _ = make(SelectionConfig(strategy="current_score", rate=0.5, record=True), run_dir=str(tmp_path))
     batches = global_batches(2)
     sels = run(selector, model, batches)
     selector.epoch_end(0)
@@ -349,11 +353,14 @@ def test_record_writes_one_line_per_pair(tmp_path):
 
 # ------------------------------------------------------------------ state
 def test_history_bytes_is_two_bytes_per_owned_uid():
+    cfg = SelectionConfig(strategy="dissect_warmup", warmup_steps=1)
     for w in (1, 2, 3):
-        sel, _, _ = make(SelectionConfig(strategy="dissect_momentum"), num_uids=1001, world_size=w, rank=w - 1)
+        sel, _, _ = make(cfg, num_uids=1001, world_size=w, rank=w - 1)
         assert sel.history_bytes() == 2 * math.ceil(1001 / w)
-    sel, _, _ = make(SelectionConfig(strategy="dissect_momentum", history_dtype="float32"))
+    sel, _, _ = make(SelectionConfig(strategy="dissect_warmup", warmup_steps=1, history_dtype="float32"))
     assert sel.history_bytes() == 4 * N
+    sel, _, _ = make(SelectionConfig(strategy="dissect_momentum", history_dtype="float16"))
+    assert sel.history_bytes() == 2 * N
 
 
 def test_memory_reshards_to_any_world_size():
@@ -399,3 +406,70 @@ def test_resume_continues_exactly(cfg):
     for a, b in zip(expected[4:], got):
         assert torch.equal(a.mask, b.mask)
         assert a.metrics.get("selection/historical_sel") == b.metrics.get("selection/historical_sel")
+
+
+# ------------------------------------------------------------------ ties
+def test_equal_priorities_select_without_regard_to_uid_order():
+    # Momentum without warm-up: every pair is unseen (h = c), so d ties exactly everywhere.
+    n, b, steps = 400, 40, 8
+    selector, model, _ = make(SelectionConfig(strategy="dissect_momentum", rate=0.3), num_uids=n)
+    model = FakeClip(n)
+    ranks = []
+    for step, uids in enumerate(torch.randperm(n, generator=torch.Generator().manual_seed(3)).view(-1, b)[:steps]):
+        sel = selector.select(step, FakeBatch(uids), model.encode)
+        assert sel.metrics["selection/differential_sel"] == sel.metrics["selection/differential_rej"]
+        rank_in_batch = torch.argsort(torch.argsort(uids)).float() / (b - 1)  # 0 = smallest uid
+        ranks.append(rank_in_batch[sel.mask])
+    # Smallest-uid selection would give about 0.14; a random 30% has mean 0.5 (sd about 0.02 here).
+    assert torch.cat(ranks).mean().item() == pytest.approx(0.5, abs=0.08)
+
+
+# ------------------------------------------------------------------ history precision
+def scores_as_features(scores: torch.Tensor) -> Features:
+    """Features whose clip_score is ``scores`` ([b] in [0, 100]): text at angle acos(s / 100)."""
+    cos = (scores.double() / 100.0).clamp(-1.0, 1.0)
+    image = torch.zeros(scores.shape[0], 2, dtype=torch.float64)
+    image[:, 0] = 1.0
+    text = torch.stack([cos, (1.0 - cos * cos).sqrt()], dim=1)
+    return Features(image=image.float(), text=text.float(), logit_scale=20.0)
+
+
+def test_momentum_history_accumulates_small_increments_by_default():
+    # c = h + 0.1 at every visit moves h by 0.01 (beta 0.9): below half a float16 ulp at 64-100.
+    uids = torch.arange(4)
+    h_ref = torch.tensor([64.0, 75.0, 90.0, 95.0], dtype=torch.float64)
+    selector, _, _ = make(SelectionConfig(strategy="dissect_momentum", rate=0.5))
+    target = {"c": h_ref.clone()}  # first visit: h = c
+    for step in range(51):
+        selector.select(step, FakeBatch(uids), lambda batch: scores_as_features(target["c"]))
+        if step:
+            h_ref = 0.9 * h_ref + 0.1 * target["c"]
+        target["c"] = h_ref + 0.1
+    assert h_ref[0].item() == pytest.approx(64.5)
+    torch.testing.assert_close(selector.memory.lookup(uids).double(), h_ref, atol=1e-3, rtol=0)
+    assert selector.history_bytes() == 4 * N  # float32 for momentum
+    warm, _, _ = make(SelectionConfig(strategy="dissect_warmup", warmup_steps=1))
+    assert warm.history_bytes() == 2 * N  # a last-visit score: float16 keeps 2 bytes per uid
+
+
+# ------------------------------------------------------------------ names
+def test_clipscore_is_a_deprecated_alias_of_current_score():
+    assert "current_score" in STRATEGIES and "clipscore" not in STRATEGIES
+    cfg = SelectionConfig(strategy="clipscore", rate=0.5)
+    assert cfg.validate() == []
+    selector, model, _ = make(cfg)
+    assert type(selector.strategy) is STRATEGIES["current_score"]
+    assert selector.state_dict()["strategy"] == "current_score"
+    batches = global_batches(2)
+    new, m2, _ = make(SelectionConfig(strategy="current_score", rate=0.5))
+    for a, b in zip(run(selector, model, batches), run(new, m2, batches)):
+        assert torch.equal(a.mask, b.mask)
+    # One deprecation line per process, however often the config is validated.
+    code = (
+        "from dissect_ds.selection import SelectionConfig\n"
+        "cfg = SelectionConfig(strategy='clipscore')\n"
+        "assert cfg.validate() == [] and cfg.validate() == [] and cfg.validate() == []\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    lines = [x for x in (out.stdout + out.stderr).splitlines() if "clipscore" in x]
+    assert len(lines) == 1 and "deprecated" in lines[0] and "current_score" in lines[0], out.stderr

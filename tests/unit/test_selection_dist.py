@@ -17,6 +17,7 @@ import torch
 
 from dissect_ds import distributed as dist
 from dissect_ds.selection import SelectionConfig, Selector
+from dissect_ds.selection.scoring import random_priority
 from dissect_ds.selection.testing import FakeBatch, FakeClip, FakeHistorical
 from tests.multiproc import run_ranks
 
@@ -28,7 +29,7 @@ BAD = torch.arange(N) >= 20  # pairs with score 0 (text = -image), used by "zero
 
 SCENARIOS: dict[str, dict] = {
     "random": {"strategy": "random", "rate": 0.4},
-    "clipscore": {"strategy": "clipscore", "rate": 0.4, "warmup_steps": 1},
+    "current_score": {"strategy": "current_score", "rate": 0.4, "warmup_steps": 1},
     "big_loss": {"strategy": "big_loss", "rate": 0.4},
     "small_loss": {"strategy": "small_loss", "rate": 0.4, "warmup_steps": 1, "warmup_mode": "full"},
     "warmup": {"strategy": "dissect_warmup", "rate": 0.4, "warmup_steps": 3},
@@ -50,8 +51,8 @@ SCENARIOS: dict[str, dict] = {
         "cache_hist_scores": True,
     },
     "none_shadow_record": {"strategy": "none", "shadow": True, "warmup_steps": 2, "record": True},
-    "local_scope": {"strategy": "clipscore", "rate": 0.4, "scope": "local"},
-    "zero_selected": {"strategy": "clipscore", "rate": 0.5},
+    "local_scope": {"strategy": "current_score", "rate": 0.4, "scope": "local"},
+    "zero_selected": {"strategy": "current_score", "rate": 0.5},
     "zero_rows": {"strategy": "dissect_momentum", "rate": 0.4},
 }
 SCENARIO_SIZES = {
@@ -196,11 +197,11 @@ def test_local_scope_is_per_rank_topk(runs, world):
     batches = global_batches("local_scope")
     for step in range(STEPS):
         current = runs[world][0]["local_scope"]["current"][step].tolist()
-        uids = batches[step].tolist()
+        tie = random_priority(11, step, batches[step]).tolist()  # the Selector's tie-break draw
         for rank in range(world):
             rows = range(*dist.local_slice(sizes, rank).indices(12))
             k = max(1, int(0.4 * sizes[rank]))
-            keep = sorted(rows, key=lambda i: (-current[i], uids[i]))[:k]
+            keep = sorted(rows, key=lambda i: (-current[i], -tie[i]))[:k]
             want = [i in keep for i in rows]
             assert runs[world][rank]["local_scope"]["masks"][step].tolist() == want, (step, rank)
 
