@@ -234,12 +234,12 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "synthetic",
         help="write the procedural shapes set with noisy captions",
-        description="Write a procedural captioned-image set: 1-3 coloured shapes per "
-        "image with captions naming colour, shape, size and position; clean pairs of "
-        "graded difficulty (small, low-contrast, several objects, rare colour-shape "
-        "pairs); a --noise-rate share of train pairs gets another image's caption "
-        "(JSON noisy=true). Val is clean. Labels are the first object's colour-shape "
-        "class (DIR/classnames.txt).",
+        description="Write a procedural captioned-image set: one coloured shape per image "
+        "(8 colours x 6 shapes = 48 classes, DIR/classnames.txt) in 3 sizes at 9 positions on a "
+        "dark/grey/light background, sometimes with unnamed grey clutter; clean pairs of graded "
+        "difficulty (small, low-contrast, cluttered, rare colour-shape pairs); a --noise-rate share "
+        "of train pairs gets another image's caption (JSON noisy=true). Val is clean, balanced over "
+        "the classes, and each val caption is true of its own image only.",
     )
     s.add_argument("--num-samples", type=int, required=True, help="train pairs (uids 0..N-1)")
     s.add_argument("--noise-rate", type=float, required=True, help="share of train pairs with a wrong caption")

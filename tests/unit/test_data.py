@@ -29,7 +29,7 @@ from dissect_ds.data import (
     validate_spec,
 )
 from dissect_ds.data.shards import read_shard
-from dissect_ds.data.synthetic import RARE, classnames
+from dissect_ds.data.synthetic import MAX_VAL, RARE, check_val_captions, classnames, write_synthetic
 
 TOKENIZER = open_clip.get_tokenizer("RN50")
 # Random augmentation on purpose: resume must reproduce it bit for bit.
@@ -121,6 +121,23 @@ def test_synthetic_writes_manifest_uids_noise_and_labels(synth: Path, tmp_path: 
     for name in sizes:
         assert (again / "train" / name).read_bytes() == (synth / "train" / name).read_bytes()
     assert not (again / "val").exists()
+
+
+def test_synthetic_val_is_balanced_and_every_caption_fits_only_its_image(synth: Path) -> None:
+    samples = [s for name in ("000000.tar", "000001.tar") for s in read_shard(str(synth / "val" / name))]
+    metas = [json.loads(s["json"]) for s in samples]
+    captions = [s["txt"].decode() for s in samples]
+    check_val_captions(captions, [m["attrs"] for m in metas])  # raises unless well posed
+    counts = torch.bincount(torch.tensor([m["label"] for m in metas]), minlength=48)
+    assert int(counts.max() - counts.min()) <= 1  # 60 pairs over 48 classes
+    # A caption is true of its own attribute tuple only: swapping two captions breaks that.
+    swapped = [captions[1], captions[0], *captions[2:]]
+    with pytest.raises(ValueError, match="not true of its image"):
+        check_val_captions(swapped, [m["attrs"] for m in metas])
+    with pytest.raises(ValueError, match="share"):
+        check_val_captions(captions[:2] * 2, [m["attrs"] for m in metas[:2]] * 2)
+    with pytest.raises(ValueError, match="val_samples"):
+        write_synthetic(str(synth / "unused"), num_samples=1, noise_rate=0.0, seed=0, val_samples=MAX_VAL + 1)
 
 
 # --- batches and order ----------------------------------------------------------------

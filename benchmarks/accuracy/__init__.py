@@ -1,0 +1,159 @@
+"""Accuracy benchmark: selection strategies against random selection and full data on the
+noisy synthetic set, with paired seeds, 95% intervals, a gate and one verdict table.
+
+Modules: :mod:`.plan` (what runs), :mod:`.run` (data, workers), :mod:`.analyse`
+(statistics, diagnostics), :mod:`.plot`, :mod:`.report`; :func:`main` ties them together
+(``python -m benchmarks.accuracy``, and ``benchmarks.run_all``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from benchmarks import common as c
+from benchmarks.accuracy import analyse, plan, plot, report, run
+
+IMAGES = ("arms", "curves", "auroc", "selection", "scores")
+
+
+def _data(scale: plan.Scale, jobs: list[plan.Job], work: Path) -> None:
+    """Write the data sets the jobs read (one per regime and noise level; seed 0)."""
+    for regime, noise in sorted({(j.regime, j.noise) for j in jobs}):
+        n = scale.onepass_train if regime == "onepass" else scale.train
+        out = work / "data" / plan.data_name(regime, noise)
+        run.prepare_data(out, n, noise, scale.val, scale.image_size, scale.shard, seed=0)
+
+
+def execute(
+    scale: plan.Scale, matrix: plan.Matrix, work: Path, reuse: bool, parallel: int = run.PARALLEL
+) -> tuple[list[plan.Job], float, list[float]]:
+    """Prepare data and run every job; returns (jobs, seconds, load averages seen)."""
+    jobs = plan.jobs(scale, matrix, work)
+    loads = [c.loadavg()]
+    t0 = time.perf_counter()
+    _data(scale, jobs, work)
+    print(f"accuracy: {len(jobs)} runs, work dir {work}", flush=True)
+    run.run_jobs(jobs, work, reuse=reuse, timeout=6 * 3600, parallel=parallel)
+    loads.append(c.loadavg())
+    return jobs, time.perf_counter() - t0, loads
+
+
+def analyse_and_write(
+    scale: plan.Scale,
+    matrix: plan.Matrix,
+    matrix_name: str,
+    jobs: list[plan.Job],
+    work: Path,
+    md_dir: Path,
+    img_dir: Path,
+    command: str,
+    took_s: float,
+) -> dict:
+    runs = [analyse.read_run(j) for j in jobs]
+    loads = [json.loads((Path(j.run_dir) / "launch.json").read_text())["load_end"] for j in jobs]
+    single = [r for r in runs if r.job.world_size == 1]
+    by_setting: dict[tuple, list[analyse.Run]] = {}
+    for r in single:
+        by_setting.setdefault(r.job.setting, []).append(r)
+    order = sorted(by_setting, key=lambda s: (s[0] != "mem", s[2], s[1]))
+    labels = {s: report.setting_label(*s) for s in order}
+    results = {labels[s]: analyse.setting_results(by_setting[s]) for s in order}
+    gate = analyse.gate(single, scale)
+    val = analyse.val_facts(work / "data" / plan.data_name("mem", matrix.noises[0]) / "val")
+
+    # Diagnostics on the first seed of the noisiest memorisation setting at rate 0.3.
+    noise = max(matrix.noises)
+    diag_runs = [r for r in by_setting[("mem", noise, scale.rate)] if r.job.seed == matrix.seeds[0]]
+    meta = analyse.read_meta(work / "data" / plan.data_name("mem", noise) / "train")
+    import numpy as np
+
+    difficulty = np.array([m.get("difficulty", 0) for m in meta])
+    shares = {r.job.arm: analyse.selection_share(r, difficulty) for r in diag_runs if r.records and r.job.arm != "none"}
+    groups = list(next(iter(shares.values()))) if shares else []
+    spe = scale.steps_per_epoch
+    images = {k: os.path.relpath(img_dir / f"accuracy_{k}.png", md_dir) for k in IMAGES}
+    plot.arms(results, img_dir / "accuracy_arms.png")
+    curve_settings = {labels[s]: by_setting[s] for s in order if s[0] == "mem" and s[2] == scale.rate}
+    plot.curves(curve_settings, img_dir / "accuracy_curves.png")
+    full = next((r for r in diag_runs if r.job.arm == "none"), None)
+    loop = [r for r in diag_runs if r.job.arm.startswith("dissect")]
+    plot.auroc(full, loop, spe, img_dir / "accuracy_auroc.png")
+    plot.selection(diag_runs, shares, scale.rate, noise, spe, img_dir / "accuracy_selection.png")
+    plot.scores(diag_runs, spe, img_dir / "accuracy_scores.png")
+
+    meta_line = {
+        "date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "took": f"{took_s / 60:.1f} min ({len(jobs)} runs)",
+        "machine": c.machine_line(),
+        "load": f"{min(loads):.1f}-{max(loads):.1f}" if loads else "not recorded",
+        "runs": len(jobs),
+    }
+    text = report.page(
+        scale,
+        matrix,
+        matrix_name,
+        command,
+        meta_line,
+        gate,
+        results,
+        val,
+        analyse.world2_check(runs),
+        {"noise": noise, "groups": groups, "shares": shares},
+        images,
+    )
+    (md_dir / "accuracy.md").write_text(text)
+    summary = {
+        "gate": {"values": gate.values, "passed": gate.passed},
+        "settings": {label: {arm: dataclasses.asdict(r) for arm, r in res.items()} for label, res in results.items()},
+        "verdicts": report.verdict_rows(results),
+        "took_s": took_s,
+    }
+    (work / "accuracy.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.split("\n")[0])
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--quick", action="store_true", help="smoke version: tiny sizes, a minute or two; numbers mean nothing"
+    )
+    g.add_argument("--all", action="store_true", help="the whole matrix (every arm, noise 0-60%%, rate 0.5; hours)")
+    p.add_argument(
+        "--out", type=Path, help="page directory (default docs/bench; plots go to OUT/img, default docs/img)"
+    )
+    p.add_argument("--work", type=Path, help="data and runs (default runs/bench/accuracy, or OUT/work with --out)")
+    p.add_argument("--reuse", action="store_true", help="keep finished runs of the same job in the work dir")
+    p.add_argument("--scale", help=argparse.SUPPRESS)  # JSON overrides of the Scale (scripts/gpu_bench.sh)
+    p.add_argument("--parallel", type=int, default=run.PARALLEL, help="runs side by side (default: %(default)s)")
+    p.add_argument("--no-world2-check", action="store_true", help="skip the 2-rank repeat of one run (one GPU)")
+    args = p.parse_args(argv)
+    scale = plan.QUICK if args.quick else plan.CPU
+    if args.scale:
+        scale = dataclasses.replace(scale, **json.loads(args.scale))
+    matrix, name = (
+        (plan.QUICK_MATRIX, "quick smoke version: numbers mean nothing")
+        if args.quick
+        else (plan.ALL, "whole matrix (--all)")
+        if args.all
+        else (plan.DEFAULT, "default matrix (make bench)")
+    )
+    if args.no_world2_check:
+        matrix = dataclasses.replace(matrix, world2_check=False)
+    md_dir, img_dir = (args.out, args.out / "img") if args.out else (c.DOCS / "bench", c.DOCS / "img")
+    work = args.work or (args.out / "work" if args.out else c.WORK / "accuracy")
+    for d in (md_dir, img_dir, work):
+        d.mkdir(parents=True, exist_ok=True)
+    command = "python -m benchmarks.accuracy" + (" --quick" if args.quick else " --all" if args.all else "")
+    if args.scale:
+        command += f" --scale '{args.scale}'"
+    jobs, took, _ = execute(scale, matrix, work, args.reuse, args.parallel)
+    summary = analyse_and_write(scale, matrix, name, jobs, work, md_dir, img_dir, command, took)
+    print(f"accuracy: wrote {md_dir / 'accuracy.md'} ({took / 60:.1f} min)", flush=True)
+    return summary

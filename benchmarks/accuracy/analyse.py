@@ -1,0 +1,316 @@
+"""From finished runs to numbers: per-arm means with t intervals, paired differences,
+verdicts, the gate, time to full data's accuracy, and the selection diagnostics.
+
+The decision metric is the final zero-shot top-1 on the balanced val split (one label
+per image); retrieval (mean R@1 of both directions, ceiling 1.0) is reported beside it.
+Seeds are paired: seed s of every arm shares the initial weights and the data order, so
+an arm is compared with a reference through the per-seed differences.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from benchmarks.accuracy.plan import Job, Scale
+
+TOP1, R1 = "eval/zeroshot_top1", "eval/mean_R@1"
+
+
+@dataclass
+class Run:
+    """What one finished run measured (metrics.jsonl, eval.json, per-pair records)."""
+
+    job: Job
+    steps: list[dict]  # metrics lines with a training loss, in step order
+    evals: list[dict]  # lines with an evaluation (periodic and final)
+    final: dict
+    seconds: float  # launch to exit (start-up, training, evaluations)
+    records: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def wall(self) -> np.ndarray:
+        """Cumulative training wall-clock after each step (s): the trainer's time/step (data,
+        scoring, selection, training) less the shadow's diagnostic forwards of ``none``."""
+        t = np.array([m["time/step"] for m in self.steps])
+        if self.job.arm == "none":
+            t = t - np.array([m.get("time/score", 0.0) + m.get("time/score_hist", 0.0) for m in self.steps])
+        return np.cumsum(t)
+
+
+def read_run(job: Job) -> Run:
+    d = Path(job.run_dir)
+    lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    steps = sorted((m for m in lines if "loss" in m), key=lambda m: m["step"])
+    evals = [m for m in lines if R1 in m]
+    final = json.loads((d / "eval.json").read_text())
+    launch = json.loads((d / "launch.json").read_text())
+    return Run(job, steps, evals, final, launch["seconds"], read_records(d))
+
+
+def read_records(run_dir: Path) -> dict[str, np.ndarray]:
+    """Per-pair lines of selection/rank*.jsonl as columns: step, uid, current, historical,
+    selected, noisy (NaN where a score is null); {} when the run did not record."""
+    rows = []
+    for path in sorted((run_dir / "selection").glob("rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            cur, hist = r["current"], r["historical"]
+            rows.append(
+                (
+                    r["step"],
+                    r["uid"],
+                    math.nan if cur is None else cur,
+                    math.nan if hist is None else hist,
+                    r["selected"],
+                    r.get("noisy", False),
+                )
+            )
+    if not rows:
+        return {}
+    a = np.array(rows, dtype=np.float64)
+    return {n: a[:, i] for i, n in enumerate(("step", "uid", "current", "historical", "selected", "noisy"))}
+
+
+def read_meta(split_dir: Path) -> list[dict]:
+    """The JSON of every pair of a prepared split, in uid order."""
+    meta = []
+    for tar in sorted(split_dir.glob("*.tar")):
+        with tarfile.open(tar) as t:
+            for member in t:
+                if member.name.endswith(".json"):
+                    meta.append(json.loads(t.extractfile(member).read()))
+    return sorted(meta, key=lambda m: m["uid"])
+
+
+def val_facts(val_dir: Path) -> dict:
+    """Check the val split is well posed (every caption distinct and true of its own image
+    only, so retrieval's ceiling is 1.0) and describe it (size, classes, balance)."""
+    from dissect_ds.data.shards import read_shard
+    from dissect_ds.data.synthetic import check_val_captions
+
+    samples = [s for tar in sorted(val_dir.glob("*.tar")) for s in read_shard(str(tar))]
+    metas = [json.loads(s["json"]) for s in samples]
+    check_val_captions([s["txt"].decode() for s in samples], [m["attrs"] for m in metas])
+    counts = np.bincount([m["label"] for m in metas])
+    return {"n": len(metas), "classes": int((counts > 0).sum()), "min": int(counts.min()), "max": int(counts.max())}
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Mean of ``n`` values with its two-sided 95% t interval (NaN bounds for n < 2)."""
+
+    mean: float
+    lo: float
+    hi: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Interval:
+        v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
+        if v.size == 0:
+            return cls(math.nan, math.nan, math.nan, 0)
+        m = float(v.mean())
+        if v.size < 2:
+            return cls(m, math.nan, math.nan, 1)
+        half = float(stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
+        return cls(m, m - half, m + half, int(v.size))
+
+    def verdict(self) -> str:
+        """For a difference: win (interval above 0), loss (below), tie (contains 0)."""
+        if self.n < 2 or math.isnan(self.lo):
+            return "n/a"
+        return "win" if self.lo > 0 else "loss" if self.hi < 0 else "tie"
+
+    def fmt(self, digits: int = 3, signed: bool = False) -> str:
+        if self.n == 0:
+            return "-"
+        s = "+" if signed else ""
+        if self.n < 2:
+            return f"{self.mean:{s}.{digits}f}"
+        return f"{self.mean:{s}.{digits}f} [{self.lo:{s}.{digits}f}, {self.hi:{s}.{digits}f}]"
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> Interval:
+    """Interval of the per-seed differences a[s] - b[s] over the seeds both have."""
+    return Interval.of([a[s] - b[s] for s in sorted(a) if s in b])
+
+
+def final_by_seed(runs: list[Run], key: str = TOP1) -> dict[int, float]:
+    return {r.job.seed: float(r.final.get(key, math.nan)) for r in runs}
+
+
+# ----------------------------------------------------------------------------- per setting
+
+
+def warmup_steps(job: Job) -> int:
+    """The run's selection warm-up length in steps (0 for ``none``)."""
+    for o in job.overrides:
+        if o.startswith("selection.warmup_steps="):
+            return int(o.split("=", 1)[1])
+    return 0
+
+
+def time_to(run: Run, target: float, key: str = TOP1) -> float | None:
+    """Training wall-clock (s) at the first evaluation after the warm-up with ``key`` >=
+    ``target``; None if never. Evaluations inside the warm-up do not count: there the
+    arm is the random warm-up, not its own rule."""
+    after = warmup_steps(run.job)
+    step = next((m["step"] for m in run.evals if m["step"] > after and m[key] >= target - 1e-12), None)
+    return None if step is None else float(run.wall[step - 1])
+
+
+def late_mean(run: Run, key: str, last_frac: float = 0.2, per_epoch: bool = False) -> float:
+    """Mean of ``key`` over the last ``last_frac`` of the steps (NaN when never logged)."""
+    total = run.steps[-1]["step"]
+    v = [m[key] for m in run.steps if key in m and m["step"] > (1 - last_frac) * total and m[key] is not None]
+    return float(np.mean(v)) if v else math.nan
+
+
+@dataclass
+class ArmResult:
+    arm: str
+    top1: Interval
+    r1: Interval
+    vs_random: Interval | None
+    vs_full: Interval | None
+    r1_vs_random: Interval | None
+    r1_vs_full: Interval | None
+    reached: int  # seeds reaching full data's final top-1 (same seed) after warm-up
+    time_to_full: float | None  # median over those seeds, s
+    wall: Interval  # training wall-clock, s
+    backward: int  # backward samples of one run
+    clean_precision: Interval
+    noisy_recall: Interval
+    auroc_current: Interval
+    auroc_differential: Interval
+
+
+def setting_results(runs: list[Run]) -> dict[str, ArmResult]:
+    """Arm -> result for the runs of one setting (same regime, noise and rate)."""
+    by_arm: dict[str, list[Run]] = {}
+    for r in runs:
+        by_arm.setdefault(r.job.arm, []).append(r)
+    full = {r.job.seed: r for r in by_arm.get("none", [])}
+    rnd = by_arm.get("random", [])
+    out = {}
+    for arm, rs in by_arm.items():
+        rs.sort(key=lambda r: r.job.seed)
+        top, r1 = final_by_seed(rs), final_by_seed(rs, R1)
+        times = []
+        for r in rs:
+            ref = full.get(r.job.seed)
+            if ref is not None and arm != "none":
+                t = time_to(r, float(ref.final[TOP1]))
+                if t is not None:
+                    times.append(t)
+        out[arm] = ArmResult(
+            arm=arm,
+            top1=Interval.of(list(top.values())),
+            r1=Interval.of(list(r1.values())),
+            vs_random=paired(top, final_by_seed(rnd)) if rnd and arm != "random" else None,
+            vs_full=paired(top, final_by_seed(list(full.values()))) if full and arm != "none" else None,
+            r1_vs_random=paired(r1, final_by_seed(rnd, R1)) if rnd and arm != "random" else None,
+            r1_vs_full=paired(r1, final_by_seed(list(full.values()), R1)) if full and arm != "none" else None,
+            reached=len(times),
+            time_to_full=float(np.median(times)) if times else None,
+            wall=Interval.of([float(r.wall[-1]) for r in rs]),
+            backward=int(rs[0].steps[-1]["selected_seen"]),
+            clean_precision=Interval.of([late_mean(r, "selection/clean_precision") for r in rs]),
+            noisy_recall=Interval.of([late_mean(r, "selection/noisy_recall") for r in rs]),
+            auroc_current=Interval.of([late_mean(r, "selection/auroc_current") for r in rs]),
+            auroc_differential=Interval.of([late_mean(r, "selection/auroc_differential") for r in rs]),
+        )
+    return out
+
+
+@dataclass
+class Gate:
+    values: dict[int, float]
+    threshold: float
+    spread: float
+
+    @property
+    def passed(self) -> bool:
+        v = list(self.values.values())
+        return bool(v) and min(v) >= self.threshold and max(v) - min(v) <= self.spread
+
+
+def gate(runs: list[Run], scale: Scale) -> Gate:
+    """Full data at 0% noise in the memorisation regime: every seed's final top-1."""
+    none = [r for r in runs if r.job.arm == "none" and r.job.noise == 0.0 and r.job.regime == "mem"]
+    return Gate(final_by_seed(none), scale.gate, scale.gate_spread)
+
+
+def world2_check(runs: list[Run]) -> tuple[Run, Run] | None:
+    """(2-rank run, the same job with 1 rank), when the plan has the check."""
+    two = next((r for r in runs if r.job.world_size == 2), None)
+    if two is None:
+        return None
+    one = next(
+        (
+            r
+            for r in runs
+            if r.job.world_size == 1
+            and (r.job.setting, r.job.arm, r.job.seed) == (two.job.setting, two.job.arm, two.job.seed)
+        ),
+        None,
+    )
+    return None if one is None else (two, one)
+
+
+# ----------------------------------------------------------------------------- diagnostics
+
+
+def difficulty_groups(run: Run, difficulty: np.ndarray) -> dict[str, np.ndarray]:
+    """Masks over the records: noisy pairs, and clean pairs by difficulty 0, 1, 2+."""
+    r = run.records
+    d = np.minimum(difficulty[r["uid"].astype(int)], 2)
+    groups = {"noisy": r["noisy"] == 1}
+    groups.update({f"clean, difficulty {k}{'+' if k == 2 else ''}": (r["noisy"] == 0) & (d == k) for k in range(3)})
+    return groups
+
+
+def selection_share(run: Run, difficulty: np.ndarray, last_frac: float = 0.2) -> dict[str, float]:
+    """Share of each group's scored pairs that were selected over the last steps."""
+    r = run.records
+    late = r["step"] >= (1 - last_frac) * r["step"].max()
+    return {
+        g: float(r["selected"][late & m].mean()) if (late & m).any() else math.nan
+        for g, m in difficulty_groups(run, difficulty).items()
+    }
+
+
+def score_history(run: Run, steps_per_epoch: int) -> dict[str, np.ndarray]:
+    """Per epoch: mean current / historical score of clean and of noisy pairs."""
+    r = run.records
+    epoch = (r["step"] // steps_per_epoch + 1).astype(int)
+    out = {"epoch": np.arange(1, epoch.max() + 1)}
+    for name in ("current", "historical"):
+        for label, mask in (("clean", r["noisy"] == 0), ("noisy", r["noisy"] == 1)):
+            v = r[name]
+            ok = mask & ~np.isnan(v)
+            s = np.bincount(epoch[ok], weights=v[ok], minlength=epoch.max() + 1)[1:]
+            n = np.bincount(epoch[ok], minlength=epoch.max() + 1)[1:]
+            out[f"{name}/{label}"] = np.where(n > 0, s / np.maximum(n, 1), np.nan)
+    return out
+
+
+def epoch_series(run: Run, key: str, steps_per_epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(epoch, value) of a metric: per-epoch ones as logged, per-step ones averaged."""
+    by: dict[int, list[float]] = {}
+    for m in run.steps:
+        if m.get(key) is not None:
+            by.setdefault((m["step"] - 1) // steps_per_epoch + 1, []).append(m[key])
+    e = np.array(sorted(by))
+    return e, np.array([np.mean(by[i]) for i in e])
