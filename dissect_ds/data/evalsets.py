@@ -24,16 +24,27 @@ import tarfile
 
 import numpy as np
 
-from dissect_ds.data.synthetic import CELLS, COLORS, SHAPES, SIZES, _Object, _Scene, classnames, render
+from dissect_ds.data.synthetic import CELLS, COLORS, SHAPES, SIZES, _Scene, classnames, render
 
 TEMPLATES = ("a photo of a {c}.", "a {c}.", "an image of a {c}.")
 
 
 def _scene(color: str, shape: str, size: str, cell: int, rng: np.random.Generator) -> _Scene:
-    level = int(rng.integers(90, 170))
+    """One plainly drawn object (full contrast, no clutter) on a grey background."""
+    level = int(rng.integers(110, 150))
     background = tuple(int(level + t) for t in rng.integers(-8, 9, size=3))
-    obj = _Object(color, shape, size, cell, COLORS[color], offset=(0.0, 0.0), scale=1.0)
-    return _Scene([obj], background, 0)
+    return _Scene(
+        color=color,
+        shape=shape,
+        size=size,
+        cell=cell,
+        background="grey",
+        bg_rgb=background,
+        rgb=COLORS[color],
+        offset=(0.0, 0.0),
+        scale=1.0,
+        clutter=[],
+    )
 
 
 def _labelled(
