@@ -294,21 +294,59 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     err = cfg.eval.validate()
     if err:
         raise ConfigError(err)
-    ds = load_ds_json(cfg)
-    bf16 = ds.get("bf16", {}).get("enabled", False) if cfg.deepspeed.bf16 is None else cfg.deepspeed.bf16
-    fp16 = ds.get("fp16", {}).get("enabled", False) if cfg.deepspeed.fp16 is None else cfg.deepspeed.fp16
+    stage = load_ds_json(cfg).get("zero_optimization", {}).get("stage", 0)
+    if cfg.deepspeed.zero_stage is None and stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{cfg.deepspeed.config}: zero_optimization.stage must be 0-3, got {stage}")
+    ds = build_ds_config(cfg, world_size or 1)
+    bf16, fp16 = (bool(ds.get(k, {}).get("enabled")) for k in ("bf16", "fp16"))
     if bf16 and fp16:
         raise ConfigError("deepspeed.bf16 and deepspeed.fp16: enable at most one precision")
     if fp16 and not _has_gpu():
         raise ConfigError(
             "deepspeed.fp16: needs a GPU (DeepSpeed's CPU accelerator has no fp16); use deepspeed.bf16=true"
         )
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if cfg.deepspeed.zero_stage is None and stage not in (0, 1, 2, 3):
-        raise ConfigError(f"{cfg.deepspeed.config}: zero_optimization.stage must be 0-3, got {stage}")
     from dissect_ds import checkpoint
 
-    checkpoint.validate(cfg, world_size, stage if cfg.deepspeed.zero_stage is None else cfg.deepspeed.zero_stage)
+    checkpoint.validate(cfg, world_size, ds["zero_optimization"]["stage"])
+
+
+def build_ds_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed JSON from ``deepspeed.config`` with the run's overrides applied: the one
+    place the effective ZeRO stage and precision are decided (validation reads them here too)."""
+    ds = load_ds_json(cfg)
+    t = cfg.train
+    ds["train_batch_size"] = t.batch_size
+    ds["gradient_accumulation_steps"] = t.grad_accum
+    ds["train_micro_batch_size_per_gpu"] = t.batch_size // (world_size * t.grad_accum)
+    ds["gradient_clipping"] = t.grad_clip
+    ds["steps_per_print"] = 10**9
+    ds.setdefault("wall_clock_breakdown", False)
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    if cfg.deepspeed.zero_stage is not None:
+        zero["stage"] = cfg.deepspeed.zero_stage
+    if cfg.deepspeed.offload_optimizer is not None:
+        if cfg.deepspeed.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        else:
+            zero.pop("offload_optimizer", None)
+    for key in ("bf16", "fp16"):
+        value = getattr(cfg.deepspeed, key)
+        if value is not None:
+            ds.setdefault(key, {})["enabled"] = value
+    if zero["stage"] == 0 and not any(ds.get(k, {}).get("enabled") for k in ("bf16", "fp16")):
+        # DeepSpeed 0.18.9's fp32 ZeRO-0 clipping multiplies every grad by a [1]-shaped
+        # coefficient in place, which fails on open_clip's 0-dim logit_scale: clip in Engine.
+        ds["gradient_clipping"] = 0.0
+    offload = "offload_optimizer" in zero and zero["offload_optimizer"].get("device", "none") != "none"
+    params = {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.eps, "weight_decay": t.weight_decay}
+    # torch's AdamW needs no JIT-compiled op (FusedAdam); its fused kernel (CPU and CUDA) is one
+    # pass over each tensor instead of a dozen elementwise ops. The offloaded optimizer runs
+    # DeepSpeedCPUAdam.
+    torch_adam = {**params, "torch_adam": True, "fused": True}
+    ds["optimizer"] = {"type": "AdamW", "params": params if offload else torch_adam}
+    if offload:
+        ds["zero_force_ds_cpu_optimizer"] = True
+    return ds
 
 
 def _has_gpu() -> bool:

@@ -12,7 +12,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from dissect_ds import distributed as D
-from dissect_ds.config import Config, load_ds_json
+from dissect_ds.config import Config, build_ds_config
 from dissect_ds.loss import contrastive_loss
 from dissect_ds.model import Features, build_model
 
@@ -53,44 +53,6 @@ def device() -> torch.device:
     if acc.device_name() == "cpu":
         return torch.device("cpu")
     return torch.device(acc.device_name(acc.current_device()))
-
-
-def build_ds_config(cfg: Config, world_size: int) -> dict:
-    """The DeepSpeed JSON from ``deepspeed.config`` with the run's overrides applied."""
-    ds = load_ds_json(cfg)
-    t = cfg.train
-    ds["train_batch_size"] = t.batch_size
-    ds["gradient_accumulation_steps"] = t.grad_accum
-    ds["train_micro_batch_size_per_gpu"] = t.batch_size // (world_size * t.grad_accum)
-    ds["gradient_clipping"] = t.grad_clip
-    ds["steps_per_print"] = 10**9
-    ds.setdefault("wall_clock_breakdown", False)
-    zero = ds.setdefault("zero_optimization", {"stage": 0})
-    if cfg.deepspeed.zero_stage is not None:
-        zero["stage"] = cfg.deepspeed.zero_stage
-    if cfg.deepspeed.offload_optimizer is not None:
-        if cfg.deepspeed.offload_optimizer:
-            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
-        else:
-            zero.pop("offload_optimizer", None)
-    for key in ("bf16", "fp16"):
-        value = getattr(cfg.deepspeed, key)
-        if value is not None:
-            ds.setdefault(key, {})["enabled"] = value
-    if zero["stage"] == 0 and not any(ds.get(k, {}).get("enabled") for k in ("bf16", "fp16")):
-        # DeepSpeed 0.18.9's fp32 ZeRO-0 clipping multiplies every grad by a [1]-shaped
-        # coefficient in place, which fails on open_clip's 0-dim logit_scale: clip in Engine.
-        ds["gradient_clipping"] = 0.0
-    offload = "offload_optimizer" in zero and zero["offload_optimizer"].get("device", "none") != "none"
-    params = {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.eps, "weight_decay": t.weight_decay}
-    # torch's AdamW needs no JIT-compiled op (FusedAdam); its fused kernel (CPU and CUDA) is one
-    # pass over each tensor instead of a dozen elementwise ops. The offloaded optimizer runs
-    # DeepSpeedCPUAdam.
-    torch_adam = {**params, "torch_adam": True, "fused": True}
-    ds["optimizer"] = {"type": "AdamW", "params": params if offload else torch_adam}
-    if offload:
-        ds["zero_force_ds_cpu_optimizer"] = True
-    return ds
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
