@@ -43,7 +43,9 @@ class DataConfig:
             err = f"data.classnames: no such file {self.classnames!r}"
         if err is None:
             try:
-                resolve(self.train, "data.train")  # sample count and uid range; cached for the trainer
+                shards = resolve(self.train, "data.train")  # sample count and uid range; cached for the trainer
+                if shards.num_samples == 0:
+                    err = f"data.train: its {len(shards.shards)} shard(s) hold no samples"
             except SpecError as e:
                 err = str(e)
         return err

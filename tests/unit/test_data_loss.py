@@ -70,3 +70,13 @@ def test_a_duplicate_uid_is_refused_when_writing(tmp_path):
             for uid in [*range(10), 7]:
                 w.write(uid=uid, image=_png(), image_ext="png", caption="x")
     assert not (tmp_path / "dup" / "sizes.json").exists()  # no manifest for a failed write
+
+
+def test_shards_that_are_all_empty_are_refused_before_start(tmp_path):
+    root = tmp_path / "empty"
+    root.mkdir()
+    for i in range(2):
+        with tarfile.open(root / f"{i:06d}.tar", "w"):
+            pass
+    with pytest.raises(C.ConfigError, match="hold no samples"):
+        C.load(str(Path(__file__).resolve().parents[2] / "configs/debug.yaml"), [f"data.train={root}", "data.val=null"])
