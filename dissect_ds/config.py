@@ -42,6 +42,8 @@ class RunConfig:
 class ModelConfig:
     name: str = "dissect-tiny-vit"  # an open_clip zoo name or one of dissect_ds/model_configs
     pretrained: str | None = None  # local checkpoint path (never downloaded)
+    grad_checkpointing: bool = False  # recompute transformer blocks in backward: less memory, same losses
+    patch_dropout: float = 0.0  # ViT: drop this share of image patches when training (FLIP); never when scoring
 
 
 @dataclass
@@ -247,6 +249,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     t = cfg.train
     checks: list[tuple[bool, str]] = [
         (cfg.run.name != "" and "/" not in cfg.run.name, "run.name: must be a non-empty name without '/'"),
+        (
+            0.0 <= cfg.model.patch_dropout < 1.0,
+            f"model.patch_dropout: must be in [0, 1), got {cfg.model.patch_dropout}",
+        ),
         (t.steps > 0, f"train.steps: must be > 0, got {t.steps}"),
         (t.batch_size > 0, f"train.batch_size: must be > 0, got {t.batch_size}"),
         (t.lr > 0, f"train.lr: must be > 0, got {t.lr}"),

@@ -166,7 +166,10 @@ class Engine:
     def __init__(self, cfg: Config, info: D.DistInfo):
         self.cfg, self.info = cfg, info
         model, self.preprocess_train, self.preprocess_val, self.tokenizer = build_model(
-            cfg.model.name, cfg.model.pretrained
+            cfg.model.name,
+            cfg.model.pretrained,
+            grad_checkpointing=cfg.model.grad_checkpointing,
+            patch_dropout=cfg.model.patch_dropout,
         )
         self.ds_config = build_ds_config(cfg, info.world_size)
         schedule = lr_lambda(cfg.train.warmup_steps, cfg.train.steps, cfg.train.min_lr_ratio)

@@ -36,16 +36,26 @@ def model_exists(name: str) -> bool:
 
 
 def build_model(
-    name: str, pretrained: str | None = None
+    name: str, pretrained: str | None = None, *, grad_checkpointing: bool = False, patch_dropout: float = 0.0
 ) -> tuple[torch.nn.Module, Callable, Callable, Callable[[list[str]], torch.Tensor]]:
     """Return (model, train transform, val transform, tokenizer), model in fp32 on CPU.
 
     Precision and device are applied by the engine. ``pretrained`` is a local
-    state-dict file (e.g. one written by ``export_open_clip``).
+    state-dict file (e.g. one written by ``export_open_clip``). ``grad_checkpointing``
+    recomputes transformer blocks in the backward pass instead of storing their
+    activations (open_clip's switch); ``patch_dropout`` drops that share of a ViT's image
+    patches in training mode only (FLIP), so scoring and evaluation, which run in
+    inference mode, see every patch.
     """
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        name, pretrained=pretrained, precision="fp32", device="cpu", output_dict=True
+        name,
+        pretrained=pretrained,
+        precision="fp32",
+        device="cpu",
+        output_dict=True,
+        force_patch_dropout=patch_dropout or None,
     )
+    model.set_grad_checkpointing(grad_checkpointing)
     return model, preprocess_train, preprocess_val, open_clip.get_tokenizer(name)
 
 

@@ -1,0 +1,59 @@
+"""Memory/speed switches of the model: gradient checkpointing changes nothing but memory;
+patch dropout acts in training mode only, so scoring and evaluation see every patch."""
+
+from __future__ import annotations
+
+import torch
+
+from dissect_ds.loss import contrastive_loss
+from dissect_ds.model import build_model
+
+NAME = "dissect-tiny-vit"
+
+
+def _batch(model, tokenizer, n: int = 8):
+    g = torch.Generator().manual_seed(0)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, tuple) else size
+    images = torch.rand(n, 3, size, size, generator=g)
+    tokens = tokenizer([f"a picture number {i}" for i in range(n)])
+    return images, tokens
+
+
+def _loss_and_grads(model, images, tokens):
+    model.train()
+    model.zero_grad()
+    out = model(images, tokens)
+    loss, _ = contrastive_loss(out["image_features"], out["text_features"], out["logit_scale"], [len(images)], 0)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_grad_checkpointing_gives_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    plain, _, _, tokenizer = build_model(NAME)
+    torch.manual_seed(0)
+    ckpt, *_ = build_model(NAME, grad_checkpointing=True)
+    assert ckpt.visual.transformer.grad_checkpointing and not plain.visual.transformer.grad_checkpointing
+    ckpt.load_state_dict(plain.state_dict())
+    images, tokens = _batch(plain, tokenizer)
+    loss_a, grads_a = _loss_and_grads(plain, images, tokens)
+    loss_b, grads_b = _loss_and_grads(ckpt, images, tokens)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for n in grads_a:
+        torch.testing.assert_close(grads_b[n], grads_a[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_patch_dropout_only_in_training_mode():
+    plain, _, _, tokenizer = build_model(NAME)
+    dropped, *_ = build_model(NAME, patch_dropout=0.5)
+    dropped.load_state_dict(plain.state_dict())
+    images, tokens = _batch(plain, tokenizer)
+    with torch.no_grad():
+        plain.eval(), dropped.eval()
+        torch.testing.assert_close(dropped(images, tokens)["image_features"], plain(images, tokens)["image_features"])
+        plain.train(), dropped.train()
+        torch.manual_seed(1)
+        a = dropped(images, tokens)["image_features"]
+        assert not torch.allclose(a, plain(images, tokens)["image_features"], atol=1e-4)
