@@ -20,7 +20,7 @@ $(STAMP): requirements.txt pyproject.toml
 venv: $(STAMP)
 
 test: venv
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10 tests
 
 test-fast: venv  # unit tests only (a couple of minutes)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
