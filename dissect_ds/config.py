@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from dissect_ds.data import DataConfig
+from dissect_ds.evaluation.config import EvalConfig
 from dissect_ds.selection import SelectionConfig
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -73,12 +74,6 @@ class CheckpointConfig:
     every_steps: int = 0  # 0: only the final checkpoint
     keep: int = 2
     allow_config_change: bool = False  # resume even if model batch size / selection changed since the checkpoint
-
-
-@dataclass
-class EvalConfig:
-    every_steps: int = 0  # 0: only the final evaluation
-    batch_size: int = 256
 
 
 @dataclass
@@ -147,6 +142,11 @@ def _coerce(key: str, value, tp):
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+    elif tp is dict:  # free-form mappings (e.g. eval.zeroshot); their owner validates them
+        if value is None:
+            return {}
+        if isinstance(value, dict):
+            return value
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
 
 
@@ -189,10 +189,13 @@ def parse_overrides(items: list[str]) -> dict:
     return tree
 
 
-def _merge(base: dict, over: dict) -> dict:
+def _merge(base: dict, over: dict, prefix: str = "") -> dict:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        if isinstance(v, dict) and out.get(k) is not None and not isinstance(out[k], dict):
+            # e.g. `run: 5` in the file: an override of run.name must not silently replace it
+            raise ConfigError(f"{prefix}{k}: expected a section (mapping), got {out[k]!r}")
+        out[k] = _merge(out[k], v, f"{prefix}{k}.") if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -261,8 +264,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         ),
         (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps: must be >= 0 (0 = final only)"),
         (cfg.checkpoint.keep >= 1, f"checkpoint.keep: must be >= 1, got {cfg.checkpoint.keep}"),
-        (cfg.eval.every_steps >= 0, "eval.every_steps: must be >= 0 (0 = final only)"),
-        (cfg.eval.batch_size > 0, f"eval.batch_size: must be > 0, got {cfg.eval.batch_size}"),
         (cfg.log.every_steps > 0, f"log.every_steps: must be > 0, got {cfg.log.every_steps}"),
         (
             cfg.deepspeed.zero_stage is None or cfg.deepspeed.zero_stage in (0, 1, 2, 3),
@@ -288,6 +289,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if errors:
         raise ConfigError(errors[0])
     err = cfg.data.validate()
+    if err:
+        raise ConfigError(err)
+    err = cfg.eval.validate()
     if err:
         raise ConfigError(err)
     ds = load_ds_json(cfg)

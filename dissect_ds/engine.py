@@ -14,8 +14,7 @@ from deepspeed.accelerator import get_accelerator
 from dissect_ds import distributed as D
 from dissect_ds.config import Config, load_ds_json
 from dissect_ds.loss import contrastive_loss
-from dissect_ds.model import build_model
-from dissect_ds.selection import Features
+from dissect_ds.model import Features, build_model
 
 NO_DECAY_KEYS = ("bn", "ln", "bias", "logit_scale")
 
@@ -137,7 +136,7 @@ def _pairs(live: torch.nn.Module, frozen: torch.nn.Module):
     return zip(live.parameters(), frozen.parameters(), strict=True)
 
 
-class HistoricalModel:
+class HostSnapshot:
     """A frozen copy of the network held in host memory, as DeepSpeed-Chat holds reference
     models: a second engine with ZeRO-3 parameter offload to CPU and no optimizer, so each
     rank keeps 1/W of the weights in host RAM and only the layer being run is ever
@@ -291,8 +290,8 @@ class Engine:
                 break
         return D.all_ok(ok)
 
-    def historical_model(self) -> HistoricalModel:
-        return HistoricalModel(self)
+    def historical_model(self) -> HostSnapshot:
+        return HostSnapshot(self)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -305,8 +304,11 @@ class Engine:
     def load_checkpoint(self, root: Path, tag: str) -> None:
         self.ds.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
 
-    def export_open_clip(self, path: Path) -> None:
-        """Write fp32 weights loadable by ``open_clip.create_model(name, pretrained=path)``."""
+    def export_open_clip(self, path: Path, directory: Path | None = None) -> None:
+        """Write fp32 weights loadable by ``open_clip.create_model(name, pretrained=path)``
+        and, with ``directory``, a self-describing export that plain open_clip and
+        clip_benchmark load as ``local-dir:<directory>`` (see dissect_ds/export.py).
+        Collective (ZeRO-3 gathers each parameter)."""
         if not self.weights_finite():
             raise Diverged("the weights hold NaN/inf")
         params = dict(self.ds.module.named_parameters())
@@ -319,4 +321,27 @@ class Engine:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(state, path.with_suffix(".tmp"))
             os.replace(path.with_suffix(".tmp"), path)
+            if directory is not None:
+                from dissect_ds.export import write_open_clip_dir
+
+                write_open_clip_dir(state, self.ds.module, self.cfg.model.name, directory)
         D.barrier()
+
+
+def checkpoint_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """fp32 model weights of a checkpoint directory written by :meth:`Engine.save`
+    (``root/tag``), any ZeRO stage and world size, in one process without a process group.
+
+    ZeRO 1-3 keep the fp32 master weights partitioned in the optimizer files; DeepSpeed's
+    zero_to_fp32 merges them. ZeRO-0 (no partitioned files) stores the module whole.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if any(path.glob("*zero_pp_rank_*optim_states.pt")):
+        try:
+            state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+            return {k: v.float() for k, v in state.items()}
+        except (ValueError, KeyError):  # bf16 ZeRO-0 optimizer files are not ZeRO partitions
+            pass
+    state = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in state.items()}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
@@ -15,6 +16,19 @@ import torch
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(CONFIG_DIR)
+
+
+@dataclass
+class Features:
+    """Output of an encoder call on this rank's local batch (no gradient).
+
+    ``image`` and ``text`` are ``[b, D]`` L2-normalised float32 embeddings; ``logit_scale``
+    is the exp'd temperature as the loss uses it (clamped at 100).
+    """
+
+    image: torch.Tensor
+    text: torch.Tensor
+    logit_scale: float
 
 
 def model_exists(name: str) -> bool:

@@ -24,6 +24,7 @@ from dissect_ds import distributed as D
 from dissect_ds.rundir import RunDirBusy, RunLock
 
 EXIT_DIVERGED = 3  # a non-finite loss, gradient norm or weights stopped the run
+EXIT_PREEMPTED = 75  # a signal or the launcher's death stopped the run after a checkpoint (EX_TEMPFAIL)
 
 
 @dataclass
@@ -43,6 +44,10 @@ class TorchRNG:
 
     def state_dict(self) -> torch.Tensor:
         return torch.get_rng_state()
+
+
+class Preempted(Exception):
+    """The run stopped at a step boundary after writing its checkpoint."""
 
 
 class Preemption:
@@ -157,6 +162,7 @@ class Trainer:
         from tqdm import tqdm
 
         from dissect_ds.engine import Diverged
+        from dissect_ds.evaluate import wanted
 
         cfg, state = self.cfg, self.state
         batches = iter(self.stream)
@@ -186,7 +192,7 @@ class Trainer:
                 values.update(self.data_counters())
                 if self.info.is_main:
                     bar.write(self.log_line(values))
-            if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0 and not done and cfg.data.val:
+            if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0 and not done and wanted(cfg):
                 values.update(self.evaluate())
             self.writer.log(state.step, values)
             bar.update(1)
@@ -199,13 +205,13 @@ class Trainer:
                     raise Diverged(f"step {state.step}: {e}") from None
             if preempted:
                 self.on_preempted()
-                return {}
+                raise Preempted
         bar.close()
-        final = self.evaluate() if cfg.data.val else {}
+        final = self.evaluate() if wanted(cfg) else {}
         self.writer.log(state.step, final)
         if self.info.is_main:
             (self.run_dir / "eval.json").write_text(json.dumps({"step": state.step, **final}, indent=2))
-        self.engine.export_open_clip(self.run_dir / "open_clip_model.pt")
+        self.engine.export_open_clip(self.run_dir / "open_clip_model.pt", self.run_dir / "open_clip")
         self.writer.close()
         return final
 
@@ -218,7 +224,9 @@ class Trainer:
                 batch = next(batches)
             selection = self.selector.select(state.step, batch, self.engine.encode, micro=micro)
             with self.timer("train"):
-                out = self.engine.train_step(batch.select(selection.mask), fallback=batch, sizes=selection.sizes)
+                out = self.engine.train_step(
+                    batch.select(selection.mask), fallback=batch, sizes=selection.kept_per_rank
+                )
             for k, v in {**out, **selection.metrics}.items():
                 # One rule under accumulation: times and counts add up over the micro-batches
                 # (so the time split still sums to the step), everything else is averaged.
@@ -260,15 +268,23 @@ class Trainer:
         return " | ".join(parts)
 
     def evaluate(self) -> dict[str, float]:
-        from dissect_ds.evaluate import evaluate
+        from dissect_ds.evaluate import evaluate_run
+        from dissect_ds.evaluation import EngineEncoder
 
-        metrics = evaluate(self.engine, self.cfg.data, self.cfg.eval.batch_size, self.info.rank, self.info.world_size)
+        metrics = evaluate_run(
+            EngineEncoder(self.engine),
+            self.cfg.data,
+            self.cfg.eval,
+            self.info.rank,
+            self.info.world_size,
+            progress=self.info.is_main and self.cfg.log.progress,
+        )
         if self.info.is_main:
             from tqdm import tqdm
 
             tqdm.write(
                 f"eval @ step {self.state.step}: "
-                + ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in metrics.items() if "R@5" not in k),
+                + ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items() if "R@5" not in k),
                 file=sys.stdout,
             )
         return metrics
@@ -332,6 +348,8 @@ def _train(cfg: C.Config, preemption: Preemption) -> int:
     trainer = Trainer(cfg, info, preemption)
     try:
         trainer.fit()
+    except Preempted:
+        code = EXIT_PREEMPTED
     except Diverged as e:
         # Every rank raises at the same step (the loss and gradient norm are global).
         if info.is_main:

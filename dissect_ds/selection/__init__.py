@@ -9,13 +9,12 @@ schedules count optimizer steps); strategies live in the
 from dissect_ds.selection.config import SelectionConfig
 from dissect_ds.selection.historical import HistoricalModel, LiveSnapshot
 from dissect_ds.selection.memory import ScoreMemory
-from dissect_ds.selection.scoring import Features
+from dissect_ds.selection.scored import ScoredBatch
 from dissect_ds.selection.selector import Selection, Selector
-from dissect_ds.selection.strategies import STRATEGIES, ScoredBatch, Strategy
+from dissect_ds.selection.strategies import STRATEGIES, Strategy
 
 __all__ = [
     "STRATEGIES",
-    "Features",
     "HistoricalModel",
     "LiveSnapshot",
     "ScoreMemory",

@@ -11,8 +11,8 @@ from collections import deque
 
 import torch
 
+from dissect_ds.selection.scored import ScoredBatch
 from dissect_ds.selection.scoring import auroc, spearman
-from dissect_ds.selection.strategies import ScoredBatch
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,9 @@ from typing import Protocol
 import torch
 
 from dissect_ds import distributed as dist
+from dissect_ds.model import Features
 from dissect_ds.selection.memory import ScoreMemory
-from dissect_ds.selection.scoring import Features, clip_score
+from dissect_ds.selection.scoring import clip_score
 
 log = logging.getLogger(__name__)
 

@@ -6,23 +6,10 @@ Shapes: ``b`` rows of this rank, ``B`` rows of the global batch, ``D`` embedding
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class Features:
-    """Output of an encoder call on this rank's local batch (no gradient).
-
-    ``image`` and ``text`` are ``[b, D]`` L2-normalised float32 embeddings; ``logit_scale``
-    is the exp'd temperature as the loss uses it (clamped at 100).
-    """
-
-    image: torch.Tensor
-    text: torch.Tensor
-    logit_scale: float
+from dissect_ds.model import Features
 
 
 def clip_score(f: Features) -> torch.Tensor:

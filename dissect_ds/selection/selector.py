@@ -11,12 +11,14 @@ from dataclasses import dataclass
 import torch
 
 from dissect_ds import distributed as dist
+from dissect_ds.model import Features
 from dissect_ds.selection.config import SelectionConfig
 from dissect_ds.selection.diagnostics import EarlySnapshotAlarm, NoiseAuroc, Recorder, score_vectors, step_metrics
 from dissect_ds.selection.historical import HistoricalModel, LiveSnapshot, sync
 from dissect_ds.selection.memory import ScoreMemory
-from dissect_ds.selection.scoring import Features, clip_score, per_sample_contrastive_loss, random_priority, topk_mask
-from dissect_ds.selection.strategies import ALIASES, ScoredBatch, strategy_class
+from dissect_ds.selection.scored import ScoredBatch
+from dissect_ds.selection.scoring import clip_score, per_sample_contrastive_loss, random_priority, topk_mask
+from dissect_ds.selection.strategies import ALIASES, strategy_class
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,7 @@ class Selection:
     """The outcome of one selection step.
 
     ``mask``: ``[b]`` bool on the selector's device, this rank's rows to train on (may be
-    all False). ``num_selected``: the global count k. ``sizes``: every rank's number of
+    all False). ``num_selected``: the global count k. ``kept_per_rank``: every rank's number of
     selected rows (the same list on every rank, known without a collective). ``metrics``
     and ``histograms`` are global, identical on every rank (histograms are ``[B]`` device
     tensors).
@@ -36,7 +38,7 @@ class Selection:
 
     mask: torch.Tensor
     num_selected: int
-    sizes: list[int]
+    kept_per_rank: list[int]
     metrics: dict[str, float]
     histograms: dict[str, torch.Tensor]
 
@@ -168,7 +170,7 @@ class Selector:
             self._per_sample_loss(sb, feats)
         sb.set_historical(strategy.historical(sb))
         if sb.historical is None and self.shadow is not None and self.shadow.available(step):
-            sb.set_historical(self.shadow.scores(batch, sb.uids, sb.sizes, step, sb.timings))
+            sb.set_historical(self.shadow.scores(batch, sb.uids, sb.rows_per_rank, step, sb.timings))
 
         if in_warmup and strategy.obeys_warmup:
             priority = random_priority(self.seed, step, sb.uids, micro) if cfg.warmup_mode == "random" else None
@@ -181,7 +183,7 @@ class Selector:
             _check_same_on_all_ranks(mask, f"selection mask at step {step} (micro-batch {micro})")
         strategy.update(sb, mask)
 
-        rows = dist.local_slice(sb.sizes, self.rank)
+        rows = dist.local_slice(sb.rows_per_rank, self.rank)
         scores = score_vectors(sb)
         metrics = step_metrics(sb, mask, scores)
         if self.rank == 0:
@@ -195,7 +197,7 @@ class Selector:
         metrics.update(timings)
         metrics["time/select"] = time.perf_counter() - t_start - sum(timings.values())
         histograms = {f"selection/{k}": v for k, v in scores.items()}
-        selected = torch.stack([m.sum() for m in mask.split(sb.sizes)]).tolist()  # one host sync
+        selected = torch.stack([m.sum() for m in mask.split(sb.rows_per_rank)]).tolist()  # one host sync
         return Selection(mask[rows], int(metrics["selected"]), selected, metrics, histograms)
 
     def _gather_batch(self, step: int, micro: int, in_warmup: bool, batch, feats: Features | None) -> ScoredBatch:
@@ -228,7 +230,7 @@ class Selector:
             in_warmup=in_warmup,
             seed=self.seed,
             batch=batch,
-            sizes=sizes,
+            rows_per_rank=sizes,
             uids=g_uids,
             noisy=g[:, 1].to(torch.int8),
             current=g[:, 2].float() if feats is not None else None,
@@ -239,12 +241,12 @@ class Selector:
     def _per_sample_loss(self, sb: ScoredBatch, feats: Features) -> None:
         """sb.loss: [B] per-sample contrastive loss of every pair against the global batch."""
         d = feats.image.shape[1]
-        g = dist.all_gather_cat(torch.cat([feats.image.float(), feats.text.float()], dim=1), sb.sizes)
-        offset = dist.local_slice(sb.sizes, self.rank).start
+        g = dist.all_gather_cat(torch.cat([feats.image.float(), feats.text.float()], dim=1), sb.rows_per_rank)
+        offset = dist.local_slice(sb.rows_per_rank, self.rank).start
         loss_local = per_sample_contrastive_loss(
             feats.image, feats.text, g[:, :d], g[:, d:], offset, float(feats.logit_scale)
         )
-        sb.loss = dist.all_gather_cat(loss_local, sb.sizes)
+        sb.loss = dist.all_gather_cat(loss_local, sb.rows_per_rank)
 
     def _topk(self, priority: torch.Tensor | None, sb: ScoredBatch) -> torch.Tensor:
         n = sb.uids.shape[0]
@@ -256,9 +258,10 @@ class Selector:
         tiebreak = random_priority(self.seed, sb.step, sb.uids, sb.micro)
         if self.cfg.scope == "local":
             group = torch.repeat_interleave(
-                torch.arange(len(sb.sizes), device=self.device), torch.tensor(sb.sizes, device=self.device)
+                torch.arange(len(sb.rows_per_rank), device=self.device),
+                torch.tensor(sb.rows_per_rank, device=self.device),
             )
-            k = torch.tensor([_k(self.cfg.rate, s) for s in sb.sizes], dtype=torch.long)
+            k = torch.tensor([_k(self.cfg.rate, s) for s in sb.rows_per_rank], dtype=torch.long)
             return topk_mask(priority, tiebreak, k, group)
         k = torch.tensor([_k(self.cfg.rate, n)], dtype=torch.long)
         return topk_mask(priority, tiebreak, k)

@@ -9,47 +9,19 @@ sees the *global* batch (the same on every rank) and must decide the same on eve
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from dissect_ds.selection.historical import LiveSnapshot
 from dissect_ds.selection.memory import ScoreMemory
-from dissect_ds.selection.scoring import Features, differential, random_priority
+from dissect_ds.selection.scored import ScoredBatch
+from dissect_ds.selection.scoring import random_priority
 
 if TYPE_CHECKING:
     from dissect_ds.selection.config import SelectionConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ScoredBatch:
-    """What is known about one global batch of B pairs at selection time.
-
-    Tensors are global (rank order, identical on every rank) unless marked local.
-    """
-
-    step: int  # optimizer step
-    micro: int  # micro-batch of the step (gradient accumulation)
-    in_warmup: bool
-    seed: int
-    batch: object  # this rank's batch, for historical-model forwards
-    sizes: list[int]  # rows per rank
-    uids: torch.Tensor  # [B] int64
-    noisy: torch.Tensor  # [B] int8: 1 noisy, 0 clean, -1 unknown
-    current: torch.Tensor | None = None  # [B] float32 current score c
-    features: Features | None = None  # local [b, D] features of the current model
-    loss: torch.Tensor | None = None  # [B] per-sample contrastive loss over the global batch
-    historical: torch.Tensor | None = None  # [B] float32 historical score h
-    differential: torch.Tensor | None = None  # [B] (h - mean h) - (c - mean c), when both exist
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def set_historical(self, h: torch.Tensor | None) -> None:
-        """Set h, and d where the current score is known."""
-        self.historical = h
-        self.differential = differential(h, self.current) if h is not None and self.current is not None else None
 
 
 class Strategy:
@@ -295,7 +267,7 @@ class DissectModel(Differential):
     def historical(self, sb: ScoredBatch) -> torch.Tensor | None:
         if sb.in_warmup:
             return None
-        return self.snapshot.scores(sb.batch, sb.uids, sb.sizes, sb.step, sb.timings)
+        return self.snapshot.scores(sb.batch, sb.uids, sb.rows_per_rank, sb.step, sb.timings)
 
 
 STRATEGIES: dict[str, type[Strategy]] = {

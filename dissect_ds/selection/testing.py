@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dissect_ds.selection.scoring import Features
+from dissect_ds.model import Features
 
 
 @dataclass
@@ -94,3 +94,12 @@ class FakeHistorical:
 
     def load_state_dict(self, sd: dict) -> None:
         self.version = sd["version"]
+
+
+def scores_as_features(scores: torch.Tensor) -> Features:
+    """Features whose clip_score is ``scores`` ([b] in [0, 100]): text at angle acos(s / 100)."""
+    cos = (scores.double() / 100.0).clamp(-1.0, 1.0)
+    image = torch.zeros(scores.shape[0], 2, dtype=torch.float64)
+    image[:, 0] = 1.0
+    text = torch.stack([cos, (1.0 - cos * cos).sqrt()], dim=1)
+    return Features(image=image.float(), text=text.float(), logit_scale=20.0)

@@ -195,3 +195,18 @@ def test_a_second_run_of_the_same_directory_is_refused(synthetic, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (tmp_path / name / ".lock").exists()
+
+
+def test_sigterm_checkpoints_and_exits_with_the_preempted_status(synthetic, tmp_path):
+    name = "term"
+    args = [*_args(synthetic, tmp_path, name), "train.steps=100000", "checkpoint.every_steps=0"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dissect_ds.train", *args], cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE, text=True
+    )
+    _wait_for_step(tmp_path / name, 1, proc)
+    proc.terminate()
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, out[-2000:]
+    step = int(out.split("preempted: checkpoint at step ")[1].split()[0])
+    assert (tmp_path / name / "checkpoints" / "latest").read_text().strip() == f"step{step:08d}"
+    assert not (tmp_path / name / ".lock").exists()  # released on the way out

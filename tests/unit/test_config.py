@@ -105,3 +105,10 @@ def test_the_data_section_validates_itself(synthetic, override, message):
 
 def test_no_shuffle_buffer_is_allowed(synthetic):
     assert C.load(None, [*_data(synthetic), "data.shuffle_buffer=0"]).data.shuffle_buffer == 0
+
+
+def test_a_bad_section_is_not_replaced_by_an_override(synthetic, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: 5\n")
+    with pytest.raises(C.ConfigError, match="run: expected a section"):
+        C.load(str(bad), [*_data(synthetic), "run.name=x"])

@@ -75,9 +75,17 @@ def _parses(module: str, args: list[str], monkeypatch) -> None:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
+    """A working directory like the repository's after the documented preparation steps:
+    configs/ and ds_configs/ of the repository, data/evalsets/, and a small synthetic set
+    (returned) standing in for every data.train / data.val."""
+    from dissect_ds.data.evalsets import write_eval_sets
     from dissect_ds.data.synthetic import write_synthetic
 
-    out = tmp_path_factory.mktemp("cmd-data")
+    work = tmp_path_factory.mktemp("cmd-work")
+    for name in ("configs", "ds_configs"):
+        (work / name).symlink_to(ROOT / name)
+    write_eval_sets(str(work / "data" / "evalsets"))
+    out = work / "data" / "synthetic"
     write_synthetic(str(out), num_samples=64, noise_rate=0.0, seed=0, val_samples=16, shard_size=64, progress=False)
     return out
 
@@ -91,6 +99,7 @@ def _check_train(args: list[str], world: int, data: Path, tmp: Path, monkeypatch
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.chdir(data.parents[1])
     stand_in = [f"data.train={data}/train", f"data.val={data}/val", f"run.output_dir={tmp}"]
     try:
         code = train.main([*args, *stand_in, "--check"])

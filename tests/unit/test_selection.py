@@ -15,9 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dissect_ds.selection import STRATEGIES, Features, ScoreMemory, SelectionConfig, Selector
+from dissect_ds.model import Features
+from dissect_ds.selection import STRATEGIES, ScoreMemory, SelectionConfig, Selector
 from dissect_ds.selection.scoring import auroc, clip_score, per_sample_contrastive_loss, random_priority, topk_mask
-from dissect_ds.selection.testing import FakeBatch, FakeClip, FakeHistorical
+from dissect_ds.selection.testing import FakeBatch, FakeClip, FakeHistorical, scores_as_features
 
 N = 40  # uids
 B = 12  # global batch
@@ -425,15 +426,6 @@ def test_equal_priorities_select_without_regard_to_uid_order():
 
 
 # ------------------------------------------------------------------ history precision
-def scores_as_features(scores: torch.Tensor) -> Features:
-    """Features whose clip_score is ``scores`` ([b] in [0, 100]): text at angle acos(s / 100)."""
-    cos = (scores.double() / 100.0).clamp(-1.0, 1.0)
-    image = torch.zeros(scores.shape[0], 2, dtype=torch.float64)
-    image[:, 0] = 1.0
-    text = torch.stack([cos, (1.0 - cos * cos).sqrt()], dim=1)
-    return Features(image=image.float(), text=text.float(), logit_scale=20.0)
-
-
 def test_momentum_history_accumulates_small_increments_by_default():
     # c = h + 0.1 at every visit moves h by 0.01 (beta 0.9): below half a float16 ulp at 64-100.
     uids = torch.arange(4)

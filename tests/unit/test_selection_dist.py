@@ -107,7 +107,7 @@ def run_steps(selector, model, name, rank, world, steps: range) -> dict:
         local = batches[step][dist.local_slice(sizes, rank)]
         sel = selector.select(step, FakeBatch(local, noisy_of(local)), model.encode)
         assert sel.mask.shape == (len(local),) and sel.mask.dtype == torch.bool
-        assert sel.sizes == dist.all_gather_sizes(int(sel.mask.sum()), "cpu")  # known without a collective
+        assert sel.kept_per_rank == dist.all_gather_sizes(int(sel.mask.sum()), "cpu")  # known without a collective
         out["masks"].append(sel.mask.clone())
         out["metrics"].append({k: v for k, v in sel.metrics.items() if not k.startswith("time/")})
         out["current"].append(sel.histograms.get("selection/current"))

@@ -17,22 +17,14 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from dissect_ds.selection import Features, SelectionConfig, Selector
+from dissect_ds.model import Features
+from dissect_ds.selection import SelectionConfig, Selector
 from dissect_ds.selection.diagnostics import EarlySnapshotAlarm
 from dissect_ds.selection.scoring import clip_score
-from dissect_ds.selection.testing import FakeBatch, FakeHistorical
+from dissect_ds.selection.testing import FakeBatch, FakeHistorical, scores_as_features
 
 N, B, STEPS = 200, 40, 75
 NOISY = torch.arange(N) % 5 < 2  # 40% noisy: random selection's clean precision is 0.6
-
-
-def scores_as_features(scores: torch.Tensor) -> Features:
-    """Features whose clip_score is ``scores`` ([b] in [0, 100])."""
-    cos = (scores.double() / 100.0).clamp(-1.0, 1.0)
-    image = torch.zeros(scores.shape[0], 2, dtype=torch.float64)
-    image[:, 0] = 1.0
-    text = torch.stack([cos, (1.0 - cos * cos).sqrt()], dim=1)
-    return Features(image=image.float(), text=text.float(), logit_scale=20.0)
 
 
 class ScoreModel:
