@@ -126,7 +126,7 @@ QUICK_MATRIX = Matrix(
     arms=("none", "random", "dissect_warmup"),
     seeds=(0, 1),
     onepass_noises=(0.4,),
-    onepass_arms=("none", "dissect_model"),
+    onepass_arms=("none", "random", "dissect_model"),
 )
 
 

@@ -39,7 +39,7 @@ def verdict_rows(results: dict[str, dict[str, ArmResult]]) -> list[list[str]]:
                 [
                     label,
                     arm,
-                    f"**{_v(r.vs_random)}**" if arm != "random" else "(reference)",
+                    "(reference)" if arm == "random" else f"**{_v(r.vs_random)}**" if r.vs_random else "-",
                     r.vs_random.fmt(signed=True) if r.vs_random else "-",
                     f"**{_v(r.vs_full)}**",
                     r.vs_full.fmt(signed=True) if r.vs_full else "-",

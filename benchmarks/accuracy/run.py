@@ -46,7 +46,8 @@ def finished(job: Job) -> bool:
     """A finished run of exactly this job (its overrides stored beside it)."""
     run_dir = Path(job.run_dir)
     spec = run_dir / "job.json"
-    return (run_dir / "eval.json").is_file() and spec.is_file() and json.loads(spec.read_text()) == asdict(job)
+    same = spec.is_file() and json.loads(spec.read_text()) == json.loads(json.dumps(asdict(job)))
+    return (run_dir / "eval.json").is_file() and same
 
 
 def run_jobs(jobs: list[Job], work: Path, reuse: bool, timeout: float, parallel: int = PARALLEL) -> None:
