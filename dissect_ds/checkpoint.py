@@ -81,7 +81,8 @@ def resolve_resume(cfg: Config) -> Path | None:
         return tag
     if not p.is_dir():
         raise ConfigError(
-            f"resume: {cfg.resume} is not a checkpoint directory (expected <run>/checkpoints/stepNNNNNNNN)"
+            f"resume: {cfg.resume} is not a checkpoint directory (expected 'latest', empty, or "
+            "<run>/checkpoints/stepNNNNNNNN)"
         )
     if not (p / COMPLETE).is_file():
         hint = "an incomplete checkpoint (its save never finished)" if any(p.glob("rank*.pt")) else "not a checkpoint"

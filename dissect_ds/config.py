@@ -288,8 +288,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"model.name: unknown model '{cfg.model.name}' (see `python -m dissect_ds.model --list`)")
     if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
         raise ConfigError(f"model.pretrained: file not found: {cfg.model.pretrained} (weights are never downloaded)")
-    if cfg.resume not in (None, "", "latest") and not Path(cfg.resume).exists():
-        raise ConfigError(f"resume: must be 'latest', a checkpoint path or empty; not found: {cfg.resume}")
     _check_output_dir(cfg)
     errors = cfg.selection.validate()
     if errors:
@@ -300,10 +298,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     err = cfg.eval.validate()
     if err:
         raise ConfigError(err)
-    stage = load_ds_json(cfg).get("zero_optimization", {}).get("stage", 0)
-    if cfg.deepspeed.zero_stage is None and stage not in (0, 1, 2, 3):
-        raise ConfigError(f"{cfg.deepspeed.config}: zero_optimization.stage must be 0-3, got {stage}")
     ds = build_ds_config(cfg, world_size or 1)
+    stage = ds["zero_optimization"]["stage"]
+    if stage not in (0, 1, 2, 3):  # from the file: an override was checked above
+        raise ConfigError(f"{cfg.deepspeed.config}: zero_optimization.stage must be 0-3, got {stage}")
     bf16, fp16 = (bool(ds.get(k, {}).get("enabled")) for k in ("bf16", "fp16"))
     if bf16 and fp16:
         raise ConfigError("deepspeed.bf16 and deepspeed.fp16: enable at most one precision")
@@ -313,7 +311,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         )
     from dissect_ds import checkpoint
 
-    checkpoint.validate(cfg, world_size, ds["zero_optimization"]["stage"])
+    checkpoint.validate(cfg, world_size, stage)
 
 
 def build_ds_config(cfg: Config, world_size: int) -> dict:

@@ -63,6 +63,7 @@ def _repo_root(monkeypatch):
 def test_resume_of_a_folder_that_is_not_a_checkpoint(data, tmp_path):
     (tmp_path / "empty").mkdir()
     assert "not a checkpoint" in _error(_overrides(data, tmp_path, f"resume={tmp_path / 'empty'}"))
+    assert "not a checkpoint directory" in _error(_overrides(data, tmp_path, f"resume={tmp_path / 'missing'}"))
 
 
 def test_resume_of_an_incomplete_tag(data, tmp_path):
