@@ -199,6 +199,14 @@ def tail(path: Path, lines: int = 40) -> str:
         return ""
 
 
+def timed_setup(work: Path, num_samples: int, shard_size: int) -> Path:
+    """What every timed part needs before its first measured run: the synthetic data set
+    (:func:`ensure_synthetic`) and a built JIT cache (:func:`warm_jit`)."""
+    data = ensure_synthetic(work, num_samples, shard_size)
+    warm_jit(work)
+    return data
+
+
 def ensure_synthetic(work: Path, num_samples: int, shard_size: int, val_samples: int = 128) -> Path:
     """A synthetic data set (30% noisy captions, seed 0) under ``work/data``, written once
     and reused; returns the directory holding ``train/`` and ``val/``."""
@@ -267,8 +275,9 @@ def tree_cpu_seconds(root: int) -> float:
 
 def step_metrics(run_dir: Path) -> list[dict]:
     """The per-step lines of ``metrics.jsonl`` (those with a loss), in step order."""
-    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    return sorted((r for r in rows if "loss" in r), key=lambda r: r["step"])
+    from dissect_ds.metrics import read_metrics
+
+    return sorted((r for r in read_metrics(run_dir) if "loss" in r), key=lambda r: r["step"])
 
 
 def loop_seconds(run_dir: Path) -> dict[int, float]:

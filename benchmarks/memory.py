@@ -202,8 +202,7 @@ def run(quick: bool, work: Path) -> Result:
     result = Result()
     result.history, result.params = measure_histories(work)
     samples, shard, batch, steps, stages = (512, 128, 32, 3, (2,)) if quick else (4096, 512, 128, 12, (0, 1, 2, 3))
-    data = c.ensure_synthetic(work, samples, shard)
-    c.warm_jit(work)
+    data = c.timed_setup(work, samples, shard)
     result.steps = steps
     for stage in stages:
         result.rss.append(measure_rss(stage, data, work, steps, batch))

@@ -189,8 +189,7 @@ def _medians(run_dir: Path, skip: int) -> dict[str, float]:
 def run(quick: bool, work: Path) -> Result:
     s = QUICK if quick else FULL
     t0, load0 = time.perf_counter(), c.loadavg()
-    data = c.ensure_synthetic(work, s.samples, s.shard_size)
-    c.warm_jit(work)
+    data = c.timed_setup(work, s.samples, s.shard_size)
     result = Result(s)
     for rep in range(s.repeats):
         out = work / "overhead" / f"r{rep}"

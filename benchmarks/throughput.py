@@ -248,8 +248,7 @@ def run(quick: bool, work: Path) -> Result:
     """Measure every trainer ``repeats`` times, back to back; the order rotates per repeat."""
     s = QUICK if quick else FULL
     t0, load0 = time.perf_counter(), c.loadavg()
-    data = c.ensure_synthetic(work, s.samples, s.shard_size)
-    c.warm_jit(work)
+    data = c.timed_setup(work, s.samples, s.shard_size)
     result = Result(s)
     for i in range(s.repeats):
         shift = i % len(s.trainers)

@@ -23,6 +23,7 @@ import yaml
 from dissect_ds.data import DataConfig
 from dissect_ds.evaluation.config import EvalConfig
 from dissect_ds.selection import SelectionConfig
+from dissect_ds.selection import validate as validate_selection
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
@@ -289,7 +290,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
         raise ConfigError(f"model.pretrained: file not found: {cfg.model.pretrained} (weights are never downloaded)")
     _check_output_dir(cfg)
-    errors = cfg.selection.validate()
+    errors = validate_selection(cfg.selection)
     if errors:
         raise ConfigError(errors[0])
     err = cfg.data.validate()

@@ -170,6 +170,7 @@ class Engine:
             cfg.model.pretrained,
             grad_checkpointing=cfg.model.grad_checkpointing,
             patch_dropout=cfg.model.patch_dropout,
+            augment=cfg.data.augment,
         )
         self.ds_config = build_ds_config(cfg, info.world_size)
         schedule = lr_lambda(cfg.train.warmup_steps, cfg.train.steps, cfg.train.min_lr_ratio)

@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch
 
 from dissect_ds import distributed as D
-from dissect_ds.data import DataConfig, iter_val, read_classnames, validate_spec
+from dissect_ds.data import DataConfig, iter_val, read_classnames, read_templates, validate_spec
 
-TEMPLATES = ("a photo of a {}.", "a {}.", "an image of a {}.")
+# Zero-shot prompts of the val shards, unless zeroshot_classification_templates.txt lies beside them.
+TEMPLATES = ("a photo of a {c}.", "a {c}.", "an image of a {c}.")
 
 
 def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,12 +44,10 @@ def recall_metrics(image: torch.Tensor, text: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def zeroshot_top1(engine, image: torch.Tensor, labels: torch.Tensor, classnames: list[str]) -> float:
-    prompts = [t.format(c) for c in classnames for t in TEMPLATES]
-    text = engine.encode_text(engine.tokenizer(prompts)).cpu()
-    text = text.view(len(classnames), len(TEMPLATES), -1).mean(1)
-    text = text / text.norm(dim=-1, keepdim=True)
-    logits = image @ text.T
+def zeroshot_top1(engine, image: torch.Tensor, labels: torch.Tensor, classnames: list[str], templates) -> float:
+    from dissect_ds.evaluation.run import zeroshot_classifier
+
+    logits = image @ zeroshot_classifier(engine, classnames, templates)
     hit = (logits.argmax(1) == labels) & torch.isfinite(logits).all(1)
     return float(hit.float().mean())
 
@@ -94,7 +93,8 @@ def evaluate(engine, data: DataConfig, batch_size: int, rank: int, world_size: i
     labelled = torch.tensor([int(local_labels.numel() == local_uids.numel())])
     if classnames and D.all_reduce(labelled, "min")[0] == 1:
         all_labels = D.all_gather_cat(local_labels, sizes)[order]
-        metrics["eval/zeroshot_top1"] = zeroshot_top1(engine, image, all_labels, classnames)
+        templates = read_templates(data) or TEMPLATES
+        metrics["eval/zeroshot_top1"] = zeroshot_top1(engine, image, all_labels, classnames, templates)
     return metrics
 
 

@@ -36,7 +36,12 @@ def model_exists(name: str) -> bool:
 
 
 def build_model(
-    name: str, pretrained: str | None = None, *, grad_checkpointing: bool = False, patch_dropout: float = 0.0
+    name: str,
+    pretrained: str | None = None,
+    *,
+    grad_checkpointing: bool = False,
+    patch_dropout: float = 0.0,
+    augment: bool = True,
 ) -> tuple[torch.nn.Module, Callable, Callable, Callable[[list[str]], torch.Tensor]]:
     """Return (model, train transform, val transform, tokenizer), model in fp32 on CPU.
 
@@ -45,7 +50,8 @@ def build_model(
     recomputes transformer blocks in the backward pass instead of storing their
     activations (open_clip's switch); ``patch_dropout`` drops that share of a ViT's image
     patches in training mode only (FLIP), so scoring and evaluation, which run in
-    inference mode, see every patch.
+    inference mode, see every patch. ``augment`` False makes the train transform the val
+    transform (resize, centre crop; no random resized crop).
     """
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
         name,
@@ -56,7 +62,7 @@ def build_model(
         force_patch_dropout=patch_dropout or None,
     )
     model.set_grad_checkpointing(grad_checkpointing)
-    return model, preprocess_train, preprocess_val, open_clip.get_tokenizer(name)
+    return model, preprocess_train if augment else preprocess_val, preprocess_val, open_clip.get_tokenizer(name)
 
 
 def main() -> None:

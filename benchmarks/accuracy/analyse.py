@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from benchmarks import common as c
 from benchmarks.accuracy.plan import Job, Scale
+from dissect_ds.metrics import read_metrics
 
 TOP1, R1 = "eval/zeroshot_top1", "eval/mean_R@1"
 
@@ -47,9 +49,8 @@ class Run:
 
 def read_run(job: Job) -> Run:
     d = Path(job.run_dir)
-    lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    steps = sorted((m for m in lines if "loss" in m), key=lambda m: m["step"])
-    evals = [m for m in lines if R1 in m]
+    steps = c.step_metrics(d)
+    evals = [m for m in read_metrics(d) if R1 in m]
     final = json.loads((d / "eval.json").read_text())
     launch = json.loads((d / "launch.json").read_text())
     return Run(job, steps, evals, final, launch["seconds"], read_records(d))

@@ -118,15 +118,18 @@ def page(
         "image (8 colours x 6 shapes = 48 classes, 3 sizes, 9 positions, dark/grey/light background, sometimes grey "
         "clutter strokes no caption names). Clean pairs of graded difficulty: small objects, low contrast, clutter, "
         "and 6 colour-shape combinations that are rare in train (weight 0.08) but as common as the others in val. "
-        "A noisy pair carries another noisy pair's caption.",
+        "Three train captions in four name only the class (`a photo of a red circle`), the rest add size and "
+        "position or every attribute. A noisy pair carries another noisy pair's caption.",
         f"- **Val** ({val['n']:,} clean pairs, {val['classes']} classes, {val['min']}-{val['max']} per class): "
-        "every image has one label (its only object). Zero-shot top-1 (prompts `a photo of a {class}.`, 3 templates) "
+        "every image has one label (its only object). Zero-shot top-1 (prompt `a photo of a {class}.`, the wording of "
+        "the class-only captions, read from the set's `zeroshot_classification_templates.txt`) "
         f"is the decision metric; its binomial standard error is at most {se:.4f} per run. Retrieval: each val "
         "caption names colour, size, shape, position and background, no two val images share them, so every "
         "caption is distinct and true of its own image only (checked when the page is made: "
         "`dissect_ds.data.synthetic.check_val_captions`); the retrieval ceiling is 1.0.",
         f"- **Model and training.** `{scale.model}` (open_clip ViT, {scale.image_size}px images), world size 1, one "
-        f"torch thread, ZeRO-0, global batch {scale.batch}, AdamW lr {scale.lr:g} (cosine, 5% warm-up), "
+        f"torch thread, ZeRO-0, global batch {scale.batch}, AdamW lr {scale.lr:g} (cosine, 5% warm-up), no random "
+        "crop (`data.augment=false`: its aspect-ratio jitter changes the shapes that carry the label), "
         f"{PARALLEL_NOTE}",
         f"- **Memorisation regime:** {scale.train:,} train pairs x {scale.epochs} epochs = {scale.steps} steps "
         f"({spe} per epoch): noisy pairs get memorised late. **One-pass regime:** {scale.onepass_train:,} pairs, one "

@@ -9,6 +9,7 @@ from dissect_ds.data.pipeline import (
     build_train_stream,
     iter_val,
     read_classnames,
+    read_templates,
 )
 from dissect_ds.data.shards import SpecError, dataset_size, validate_spec
 from dissect_ds.data.writer import ShardWriter
@@ -24,5 +25,6 @@ __all__ = [
     "dataset_size",
     "iter_val",
     "read_classnames",
+    "read_templates",
     "validate_spec",
 ]

@@ -17,7 +17,9 @@ class DataConfig:
     with ``::``. `val` None disables evaluation. `num_workers` is per rank (0 = read
     in the main process). `resampled` draws shards with replacement (seeded) instead
     of epoch passes. `classnames` defaults to ``classnames.txt`` in or beside the
-    val directory.
+    val directory. `augment` False gives training images the val transform (resize and
+    centre crop) instead of open_clip's random resized crop, whose aspect-ratio jitter
+    changes shapes (the synthetic set's labels).
     """
 
     train: str = ""
@@ -26,6 +28,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     resampled: bool = False
     classnames: str | None = None
+    augment: bool = True
 
     def validate(self) -> str | None:
         """None if usable, else a one-line error naming the key. Reads manifests, and reads

@@ -24,9 +24,8 @@ import tarfile
 
 import numpy as np
 
-from dissect_ds.data.synthetic import CELLS, COLORS, SHAPES, SIZES, _Scene, classnames, render
-
-TEMPLATES = ("a photo of a {c}.", "a {c}.", "an image of a {c}.")
+from dissect_ds.data.pipeline import TEMPLATES_FILE
+from dissect_ds.data.synthetic import CELLS, COLORS, SHAPES, SIZES, ZEROSHOT_TEMPLATES, _Scene, classnames, render
 
 
 def _scene(color: str, shape: str, size: str, cell: int, rng: np.random.Generator) -> _Scene:
@@ -97,8 +96,8 @@ def write_wds(
         f.write(f"{len(shards)}\n")
     with open(os.path.join(out, "classnames.txt"), "w") as f:
         f.write("\n".join(names) + "\n")
-    with open(os.path.join(out, "zeroshot_classification_templates.txt"), "w") as f:
-        f.write("\n".join(TEMPLATES) + "\n")
+    with open(os.path.join(out, TEMPLATES_FILE), "w") as f:
+        f.write("\n".join(ZEROSHOT_TEMPLATES) + "\n")
     return names
 
 

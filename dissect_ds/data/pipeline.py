@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 SKIP_REASONS = ("corrupt_image", "missing_caption", "bad_json", "lost_in_shard")
 STATE_VERSION = 1
+TEMPLATES_FILE = "zeroshot_classification_templates.txt"  # beside the val split: its zero-shot prompts
 
 Preprocess = Callable[[Image.Image], torch.Tensor]
 Tokenizer = Callable[[list[str]], torch.Tensor]
@@ -534,18 +535,29 @@ def iter_val(
         log.warning("data: rank %d skipped val samples: %s", rank, skipped)
 
 
+def _beside_val(cfg: DataConfig, fname: str) -> str | None:
+    """``fname`` in the val directory or its parent, if there is one."""
+    folder = split_folder(cfg.val) if cfg.val else None
+    if folder is None:
+        return None
+    return next((c for c in (f"{folder}/{fname}", f"{folder}/../{fname}") if os.path.isfile(c)), None)
+
+
+def _lines(path: str | None) -> list[str] | None:
+    if path is None:
+        return None
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip()] or None
+
+
 def read_classnames(cfg: DataConfig) -> list[str] | None:
     """Class names, one per line, from `cfg.classnames` or else ``classnames.txt`` in
     the val directory or its parent; None if there is none."""
-    path = cfg.classnames
-    if not path:
-        folder = split_folder(cfg.val) if cfg.val else None
-        if folder is None:
-            return None
-        candidates = [f"{folder}/classnames.txt", f"{folder}/../classnames.txt"]
-        path = next((c for c in candidates if os.path.isfile(c)), None)
-        if path is None:
-            return None
-    with open(path) as f:
-        names = [line.strip() for line in f if line.strip()]
-    return names or None
+    return _lines(cfg.classnames or _beside_val(cfg, "classnames.txt"))
+
+
+def read_templates(cfg: DataConfig) -> list[str] | None:
+    """Zero-shot prompts, one per line with ``{c}`` (or ``{}``) for the class name, from
+    ``zeroshot_classification_templates.txt`` (clip_benchmark's name) in the val
+    directory or its parent; None if there is none."""
+    return _lines(_beside_val(cfg, TEMPLATES_FILE))

@@ -17,6 +17,7 @@ shard, plus the same source offset: dense 0..N-1 and stable.
 
 from __future__ import annotations
 
+import collections
 import functools
 import glob
 import json
@@ -38,6 +39,10 @@ _PEEK_SAMPLES = 16
 # Largest uid range per sample accepted: sparse uids (a filtered data set) are fine, a hash or
 # a timestamp used as uid would make the history allocate far more than the data set needs.
 MAX_UID_SPREAD = 4
+_DENSE_FIX = (
+    "write dense uids 0..N-1 (python -m dissect_ds.prepare does), or drop 'uid' from the JSON to derive them "
+    "from shard order"
+)
 
 
 class SpecError(ValueError):
@@ -224,15 +229,20 @@ def _resolve(spec: str) -> ShardSet:
             source_uids = info["num_uids"]
         else:
             log.info("data: no %s for %r; reading all shards for the largest uid", INFO_FILE, part)
-            source_uids = 1 + max(
-                (u for url in urls for s in read_shard(url) if (u := _json_uid(s)) is not None),
-                default=-1,
+            uids = [u for url in urls for s in read_shard(url) if (u := _json_uid(s)) is not None]
+            if len(set(uids)) < len(uids):
+                dup = next(u for u, n in collections.Counter(uids).items() if n > 1)
+                raise SpecError(f"uid {dup} occurs more than once in {part!r}: {_DENSE_FIX}")
+            source_uids = 1 + max(uids, default=-1)
+        if json_uids and source_uids < sum(counts):
+            raise SpecError(
+                f"{part!r} holds {sum(counts):,} samples but its uids span only {source_uids:,} values, so some "
+                f"pairs share a uid (and would share one history slot): {_DENSE_FIX}"
             )
         if json_uids and source_uids > MAX_UID_SPREAD * sum(counts) + 1024:
             raise SpecError(
                 f"the uids of {part!r} reach {source_uids - 1:,} for {sum(counts):,} samples, and the selection "
-                f"history keeps a slot per uid up to the largest: write dense uids 0..N-1 (python -m "
-                f"dissect_ds.prepare does), or drop 'uid' from the JSON to derive them from shard order"
+                f"history keeps a slot per uid up to the largest: {_DENSE_FIX}"
             )
         within = 0
         for url, count in zip(urls, counts):

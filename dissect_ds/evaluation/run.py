@@ -7,9 +7,10 @@ size. The zero-shot classifier is open_clip's ``build_zero_shot_classifier``.
 
 from __future__ import annotations
 
+import functools
 import io
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from open_clip import build_zero_shot_classifier
@@ -19,7 +20,14 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from dissect_ds import distributed as D
 from dissect_ds.evaluation.config import EvalConfig
 from dissect_ds.evaluation.metrics import retrieval_recalls, topk_hits
-from dissect_ds.evaluation.sets import RetrievalSet, ZeroShotSet, retrieval_set, zeroshot_set
+from dissect_ds.evaluation.sets import (
+    RetrievalSet,
+    Template,
+    ZeroShotSet,
+    fill_template,
+    retrieval_set,
+    zeroshot_set,
+)
 
 Preprocess = Callable[[Image.Image], torch.Tensor]
 WDS_IMAGE_KEYS = ("webp", "png", "jpg", "jpeg")
@@ -194,14 +202,21 @@ def _zeroshot_batches(s: ZeroShotSet, preprocess: Preprocess, rank: int, world: 
     return labelled(), None
 
 
+def zeroshot_classifier(encoder, classnames: Sequence[str], templates: Sequence[Template]) -> torch.Tensor:
+    """``[D, C]``: each class's prompts (``templates``: strings with ``{c}`` or ``{}``, or
+    callables) encoded, averaged and normalised, by open_clip's classifier builder."""
+    fill = [t if callable(t) else functools.partial(fill_template, t) for t in templates]
+    return build_zero_shot_classifier(
+        _TextTower(encoder), encoder.tokenizer, list(classnames), fill, num_classes_per_batch=10
+    ).float()
+
+
 @torch.no_grad()
 def zeroshot(
     encoder, s: ZeroShotSet, rank: int, world: int, batch_size: int, num_workers: int = 0, progress: bool = False
 ) -> dict[str, float]:
     """``{"top1", "top5"}`` (fractions) of ``s``; collective."""
-    classifier = build_zero_shot_classifier(
-        _TextTower(encoder), encoder.tokenizer, list(s.classnames), list(s.templates), num_classes_per_batch=10
-    ).float()  # [D, C]
+    classifier = zeroshot_classifier(encoder, s.classnames, s.templates)
     batches, share = _zeroshot_batches(s, encoder.preprocess, rank, world, batch_size, num_workers)
     hits = torch.zeros(3, dtype=torch.long)
 

@@ -68,7 +68,8 @@ class RetrievalSet:
     caption_image: tuple[int, ...]
 
 
-def _fill(template: str, classname: str) -> str:
+def fill_template(template: str, classname: str) -> str:
+    """``template`` with the class name for ``{c}`` (clip_benchmark) or ``{}`` (open_clip)."""
     return template.format(classname, c=classname)
 
 
@@ -88,7 +89,7 @@ def _templates(path: str, key: str) -> tuple[Template, ...]:
     if bad:
         raise SetError(f"{key}: template {bad[0]!r} in {path!r} has no '{{c}}' for the class name")
     # open_clip's classifier formats plain strings positionally; clip_benchmark's files use {c}.
-    return tuple(partial(_fill, t) for t in lines)
+    return tuple(partial(fill_template, t) for t in lines)
 
 
 def _imagefolder(path: Path, key: str) -> tuple[list[str], list[tuple[str, int]]]:
@@ -139,13 +140,16 @@ def zeroshot_set(name: str, spec: str | dict) -> ZeroShotSet:
         if names is None and not spec.get("classnames"):
             raise SetError(f"{key}: no {WDS_CLASSNAMES} in {str(path)!r}; give 'classnames'")
     elif any(path.glob("*.tar")):
-        from dissect_ds.data import DataConfig, read_classnames, validate_spec
+        from dissect_ds.data import DataConfig, read_classnames, read_templates, validate_spec
 
         kind = "shards"
         err = validate_spec(str(path), name=key)
         if err:
             raise SetError(err)
         names = read_classnames(DataConfig(val=str(path)))
+        beside = read_templates(DataConfig(val=str(path)))
+        if beside:
+            default_templates = tuple(partial(fill_template, t) for t in beside)
         if names is None and not spec.get("classnames"):
             raise SetError(f"{key}: no classnames.txt in or beside {str(path)!r}; give 'classnames'")
     else:

@@ -11,7 +11,7 @@ from dissect_ds.selection.historical import HistoricalModel, LiveSnapshot
 from dissect_ds.selection.memory import ScoreMemory
 from dissect_ds.selection.scored import ScoredBatch
 from dissect_ds.selection.selector import Selection, Selector
-from dissect_ds.selection.strategies import STRATEGIES, Strategy
+from dissect_ds.selection.strategies import STRATEGIES, Strategy, validate
 
 __all__ = [
     "STRATEGIES",
@@ -23,4 +23,5 @@ __all__ = [
     "SelectionConfig",
     "Selector",
     "Strategy",
+    "validate",
 ]

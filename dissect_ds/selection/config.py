@@ -64,13 +64,10 @@ class SelectionConfig:
         return max(int(self.warmup_steps), from_epochs)
 
     def validate(self) -> list[str]:
-        """One line per problem, each naming the key and what is allowed; [] when valid."""
-        from dissect_ds.selection.strategies import STRATEGIES, strategy_class
-
+        """The rules of the fields themselves, one line per problem naming the key and what
+        is allowed; [] when valid. The strategy's own rules are checked by
+        :func:`dissect_ds.selection.strategies.validate`, which calls this."""
         errors: list[str] = []
-        cls = strategy_class(self.strategy)
-        if cls is None:
-            return [f"selection.strategy: {self.strategy!r} is not one of {'|'.join(STRATEGIES)}"]
         if not (0.0 < self.rate <= 1.0):
             errors.append(f"selection.rate: {self.rate} must be in (0, 1]")
         if self.scope not in SCOPES:
@@ -91,5 +88,4 @@ class SelectionConfig:
             errors.append(f"selection.history_dtype: {self.history_dtype!r} is not one of {'|'.join(HISTORY_DTYPES)}")
         if self.shadow_step < -1:
             errors.append(f"selection.shadow_step: {self.shadow_step} must be >= 0, or -1 (end of warm-up)")
-        errors += cls.validate(self)
         return errors

@@ -18,7 +18,7 @@ from dissect_ds.selection.historical import HistoricalModel, LiveSnapshot, sync
 from dissect_ds.selection.memory import ScoreMemory
 from dissect_ds.selection.scored import ScoredBatch
 from dissect_ds.selection.scoring import clip_score, per_sample_contrastive_loss, random_priority, topk_mask
-from dissect_ds.selection.strategies import ALIASES, strategy_class
+from dissect_ds.selection.strategies import ALIASES, strategy_class, validate
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class Selector:
         run_dir: str | None,
         make_historical: Callable[[], HistoricalModel] | None,
     ) -> None:
-        errors = cfg.validate()
+        errors = validate(cfg)
         if errors:
             raise ValueError("invalid selection config:\n" + "\n".join(errors))
         if num_uids <= 0:

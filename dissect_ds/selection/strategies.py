@@ -292,3 +292,12 @@ def strategy_class(name: str) -> type[Strategy] | None:
             log.warning("selection.strategy: %r is deprecated, use %r (same behaviour)", name, ALIASES[name])
         name = ALIASES[name]
     return STRATEGIES.get(name)
+
+
+def validate(cfg: SelectionConfig) -> list[str]:
+    """Every problem of a ``selection`` section, one line each naming the key: the strategy
+    name, the fields' own rules, then the strategy's; [] when valid."""
+    cls = strategy_class(cfg.strategy)
+    if cls is None:
+        return [f"selection.strategy: {cfg.strategy!r} is not one of {'|'.join(STRATEGIES)}"]
+    return cfg.validate() + cls.validate(cfg)

@@ -50,18 +50,42 @@ def test_a_truncated_and_an_empty_shard_are_counted_as_lost(tmp_path):
     assert 2 * per_epoch <= lost <= 3 * per_epoch
 
 
-def test_a_huge_uid_is_refused_before_start(tmp_path):
-    root = tmp_path / "huge"
-    root.mkdir()
-    with tarfile.open(root / "000000.tar", "w") as tar:
-        for i, uid in enumerate([0, 1, 10**12]):
+DEBUG = str(Path(__file__).resolve().parents[2] / "configs/debug.yaml")
+
+
+def _raw_shard(path: Path, uids: list[int]) -> None:
+    """A tar with one pair per uid and no manifest beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for i, uid in enumerate(uids):
             for ext, data in (("png", _png()), ("txt", b"x"), ("json", json.dumps({"uid": uid}).encode())):
                 info = tarfile.TarInfo(f"{i:04d}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_huge_uid_is_refused_before_start(tmp_path):
+    _raw_shard(tmp_path / "huge" / "000000.tar", [0, 1, 10**12])
     with pytest.raises(C.ConfigError, match="dense uids") as e:
-        C.load(str(Path(__file__).resolve().parents[2] / "configs/debug.yaml"), [f"data.train={root}", "data.val=null"])
+        C.load(DEBUG, [f"data.train={tmp_path / 'huge'}", "data.val=null"])
     assert "\n" not in str(e.value) and "1,000,000,000,000" in str(e.value)
+
+
+def test_a_uid_in_two_shards_is_refused_before_start(tmp_path):
+    # No manifest: the shards are read, and the repeated uid is named.
+    _raw_shard(tmp_path / "raw" / "000000.tar", [0, 1, 2])
+    _raw_shard(tmp_path / "raw" / "000001.tar", [3, 1, 4])
+    with pytest.raises(C.ConfigError, match="uid 1 occurs more than once") as e:
+        C.load(DEBUG, [f"data.train={tmp_path / 'raw'}", "data.val=null"])
+    assert "\n" not in str(e.value)
+    # Manifests that count more samples than their uids span: some pairs must share a uid.
+    _write(tmp_path / "a", shards=1)
+    _write(tmp_path / "b", shards=1)
+    (tmp_path / "b" / "000000.tar").rename(tmp_path / "a" / "000001.tar")
+    sizes = json.loads((tmp_path / "a" / "sizes.json").read_text())
+    (tmp_path / "a" / "sizes.json").write_text(json.dumps({**sizes, "000001.tar": 20}))
+    with pytest.raises(C.ConfigError, match="40 samples but its uids span only 20") as e:
+        C.load(DEBUG, [f"data.train={tmp_path / 'a'}", "data.val=null"])
 
 
 def test_a_duplicate_uid_is_refused_when_writing(tmp_path):
@@ -79,4 +103,4 @@ def test_shards_that_are_all_empty_are_refused_before_start(tmp_path):
         with tarfile.open(root / f"{i:06d}.tar", "w"):
             pass
     with pytest.raises(C.ConfigError, match="hold no samples"):
-        C.load(str(Path(__file__).resolve().parents[2] / "configs/debug.yaml"), [f"data.train={root}", "data.val=null"])
+        C.load(DEBUG, [f"data.train={root}", "data.val=null"])

@@ -114,13 +114,13 @@ def test_custom_classnames_and_templates_override(tmp_path, sets):
 
 def test_val_shards_as_a_named_set_equal_the_val_metric(synthetic, weights, tmp_path):
     from dissect_ds.data import DataConfig
-    from dissect_ds.evaluate import TEMPLATES, evaluate
+    from dissect_ds.evaluate import evaluate
     from dissect_ds.evaluation import zeroshot
 
-    templates = tmp_path / "t.txt"
-    templates.write_text("\n".join(TEMPLATES) + "\n")
-    s = zeroshot_set("val", {"path": str(synthetic / "val"), "templates": str(templates)})
+    # Both read the prompts written beside the synthetic val split.
+    s = zeroshot_set("val", str(synthetic / "val"))
     assert s.kind == "shards" and len(s.classnames) == 48
+    assert [t("red circle") for t in s.templates] == ["a photo of a red circle."]
     enc = _encoder(weights)
     named = zeroshot(enc, s, 0, 1, batch_size=50)
     val = evaluate(enc, DataConfig(val=str(synthetic / "val"), num_workers=0), 50, 0, 1)

@@ -57,3 +57,15 @@ def test_patch_dropout_only_in_training_mode():
         torch.manual_seed(1)
         a = dropped(images, tokens)["image_features"]
         assert not torch.allclose(a, plain(images, tokens)["image_features"], atol=1e-4)
+
+
+def test_augment_false_trains_on_the_val_transform():
+    from PIL import Image
+
+    image = Image.fromarray((torch.rand(40, 30, 3) * 255).to(torch.uint8).numpy())
+    _, train, val, _ = build_model(NAME)
+    _, plain_train, plain_val, _ = build_model(NAME, augment=False)
+    torch.manual_seed(0)
+    assert not torch.equal(train(image), val(image))  # a random resized crop
+    torch.testing.assert_close(plain_train(image), val(image), rtol=0, atol=0)
+    torch.testing.assert_close(plain_val(image), val(image), rtol=0, atol=0)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dissect_ds.model import Features
-from dissect_ds.selection import STRATEGIES, ScoreMemory, SelectionConfig, Selector
+from dissect_ds.selection import STRATEGIES, ScoreMemory, SelectionConfig, Selector, validate
 from dissect_ds.selection.scoring import auroc, clip_score, per_sample_contrastive_loss, random_priority, topk_mask
 from dissect_ds.selection.testing import FakeBatch, FakeClip, FakeHistorical, scores_as_features
 
@@ -66,20 +66,18 @@ def all_history(selector: Selector) -> torch.Tensor:
 def test_config_defaults_valid_and_errors_name_the_key():
     for name in STRATEGIES:
         warm = {"warmup_steps": 1} if name == "dissect_warmup" else {}
-        assert SelectionConfig(strategy=name, **warm).validate() == [], name
+        assert validate(SelectionConfig(strategy=name, **warm)) == [], name
     bad = SelectionConfig(
         strategy="dissect_momentum", rate=0.0, scope="row", warmup_mode="half", beta=1.0, history_dtype="int8"
     )
-    errors = bad.validate()
+    errors = validate(bad)
     for key in ("rate", "scope", "warmup_mode", "beta", "history_dtype"):
         assert any(e.startswith(f"selection.{key}:") for e in errors), (key, errors)
     assert all("\n" not in e for e in errors)
-    assert SelectionConfig(strategy="dissect_warmup").validate()[0].startswith("selection.warmup_steps")
-    assert (
-        SelectionConfig(strategy="current_score", refresh_steps=5).validate()[0].startswith("selection.refresh_steps")
-    )
-    assert SelectionConfig(strategy="dissect_momentum", shadow=True).validate()[0].startswith("selection.shadow")
-    assert SelectionConfig(strategy="nope").validate()[0].startswith("selection.strategy")
+    assert validate(SelectionConfig(strategy="dissect_warmup"))[0].startswith("selection.warmup_steps")
+    assert validate(SelectionConfig(strategy="current_score", refresh_steps=5))[0].startswith("selection.refresh_steps")
+    assert validate(SelectionConfig(strategy="dissect_momentum", shadow=True))[0].startswith("selection.shadow")
+    assert validate(SelectionConfig(strategy="nope"))[0].startswith("selection.strategy")
     with pytest.raises(ValueError, match="selection.rate"):
         make(SelectionConfig(strategy="random", rate=1.5))
 
@@ -448,7 +446,7 @@ def test_momentum_history_accumulates_small_increments_by_default():
 def test_clipscore_is_a_deprecated_alias_of_current_score():
     assert "current_score" in STRATEGIES and "clipscore" not in STRATEGIES
     cfg = SelectionConfig(strategy="clipscore", rate=0.5)
-    assert cfg.validate() == []
+    assert validate(cfg) == []
     selector, model, _ = make(cfg)
     assert type(selector.strategy) is STRATEGIES["current_score"]
     assert selector.state_dict()["strategy"] == "current_score"
@@ -458,9 +456,9 @@ def test_clipscore_is_a_deprecated_alias_of_current_score():
         assert torch.equal(a.mask, b.mask)
     # One deprecation line per process, however often the config is validated.
     code = (
-        "from dissect_ds.selection import SelectionConfig\n"
+        "from dissect_ds.selection import SelectionConfig, validate\n"
         "cfg = SelectionConfig(strategy='clipscore')\n"
-        "assert cfg.validate() == [] and cfg.validate() == [] and cfg.validate() == []\n"
+        "assert validate(cfg) == [] and validate(cfg) == [] and validate(cfg) == []\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     lines = [x for x in (out.stdout + out.stderr).splitlines() if "clipscore" in x]
