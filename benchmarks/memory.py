@@ -5,7 +5,10 @@
    the default float16 and in float32. Reported: the table's bytes (largest rank), the
    resident memory it adds to the process, and the peak extra memory of one
    lookup + update of a global batch (the O(B) part), against the target 2·N/W + O(B).
-2. RSS: the trainer on the demo model (configs/demo.yaml: dissect_warmup, rate 0.3,
+2. Model switches: one training step (forward + backward) of a ViT in one process, with
+   and without ``model.grad_checkpointing`` (peak memory the step adds, VmHWM) and
+   ``model.patch_dropout`` (step time), the same weights and batch.
+3. RSS: the trainer on the demo model (configs/demo.yaml: dissect_warmup, rate 0.3,
    batch 128), 2 ranks, a short run per ZeRO stage 0–3. The ranks' peak RSS (VmHWM) is
    read from /proc from outside while they run, so the trainer needs no hook.
 
@@ -109,8 +112,18 @@ class RssRow:
 
 
 @dataclass
+class SwitchRow:
+    setting: str
+    step_peak_mib: float  # peak memory one forward + backward adds (VmHWM)
+    step_s: float  # median seconds of a forward + backward
+
+
+@dataclass
 class Result:
     history: list[HistoryRow] = field(default_factory=list)
+    switches: list[SwitchRow] = field(default_factory=list)
+    switch_model: str = ""
+    switch_batch: int = 0
     rss: list[RssRow] = field(default_factory=list)
     steps: int = 0
     params: int = 0  # parameters of the demo model
@@ -173,6 +186,72 @@ def history_worker() -> None:
     Path(sys.argv[-1]).write_text(json.dumps({"rows": rows, "params": params}))
 
 
+SWITCHES = {
+    "plain": {},
+    "model.grad_checkpointing=true": {"grad_checkpointing": True},
+    "model.patch_dropout=0.5": {"patch_dropout": 0.5},
+}
+
+
+def _train_step(model, images, tokens) -> float:
+    """Seconds of one forward + backward (gradients kept allocated, zeroed in place)."""
+    from dissect_ds.loss import contrastive_loss
+
+    t0 = time.perf_counter()
+    out = model(images, tokens)
+    loss, _ = contrastive_loss(out["image_features"], out["text_features"], out["logit_scale"], [len(images)], 0)
+    loss.backward()
+    model.zero_grad(set_to_none=False)  # only activations come and go between steps
+    return time.perf_counter() - t0
+
+
+def switch_worker() -> None:
+    """Measure :data:`SWITCHES` on ``argv[-3]`` (model) at batch ``argv[-2]``; JSON to ``argv[-1]``."""
+    import statistics
+
+    import torch
+
+    from dissect_ds.model import build_model
+
+    name, batch, out = sys.argv[-3], int(sys.argv[-2]), sys.argv[-1]
+    torch.set_num_threads(1)
+    rows, state = [], None
+    for setting, kw in SWITCHES.items():
+        model, _, _, tokenizer = build_model(name, **kw)
+        state = state or model.state_dict()
+        model.load_state_dict(state)
+        model.train()
+        size = model.visual.image_size
+        size = size[0] if isinstance(size, tuple) else size
+        images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+        tokens = tokenizer([f"a photo of thing {i}" for i in range(batch)])
+        torch.manual_seed(0)  # patch dropout draws the same patches in every repeat
+        _train_step(model, images, tokens)  # allocate gradients, page in code
+        peak = None
+        if _reset_peak():
+            base = _status_kib("self", "VmRSS") or 0
+            _train_step(model, images, tokens)
+            peak = max(0, (_status_kib("self", "VmHWM") or 0) - base) / 1024
+        seconds = statistics.median(_train_step(model, images, tokens) for _ in range(3))
+        rows.append({"setting": setting, "step_peak_mib": peak, "step_s": seconds})
+        del model
+    Path(out).write_text(json.dumps(rows))
+
+
+def measure_switches(work: Path, model: str, batch: int) -> list[SwitchRow]:
+    """:func:`switch_worker` in a fresh process with mmapped large blocks (honest RSS deltas)."""
+    out = work / "memory" / "switches.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    code = "from benchmarks.memory import switch_worker; switch_worker()"
+    c.run(
+        [str(c.BIN / "python"), "-c", code, model, str(batch), str(out)],
+        work / "logs" / "memory_switches.log",
+        timeout=1200,
+        env={"MALLOC_MMAP_THRESHOLD_": "65536"},
+    )
+    return [SwitchRow(**row) for row in json.loads(out.read_text())]
+
+
 def measure_rss(stage: int, data: Path, work: Path, steps: int, batch: int) -> RssRow:
     out, name = work / "memory", f"zero{stage}"
     shutil.rmtree(out / name, ignore_errors=True)
@@ -201,6 +280,10 @@ def run(quick: bool, work: Path) -> Result:
     t0, load0 = time.perf_counter(), c.loadavg()
     result = Result()
     result.history, result.params = measure_histories(work)
+    result.switch_model, result.switch_batch = ("dissect-tiny-vit", 8) if quick else ("ViT-B-32", 16)
+    result.switches = measure_switches(work, result.switch_model, result.switch_batch)
+    for row in result.switches:
+        print(f"memory: {row.setting}: step adds {row.step_peak_mib:.0f} MiB, {row.step_s:.2f} s", flush=True)
     samples, shard, batch, steps, stages = (512, 128, 32, 3, (2,)) if quick else (4096, 512, 128, 12, (0, 1, 2, 3))
     data = c.timed_setup(work, samples, shard)
     result.steps = steps
@@ -234,6 +317,19 @@ def render(r: Result) -> str:
         for x in r.rss
     ]
     rank_cols = [f"rank {k} peak RSS MiB" for k in range(c.NPROC)]
+    plain = r.switches[0] if r.switches else None
+    switch_rows = [
+        [
+            f"`{x.setting}`",
+            "n/a" if x.step_peak_mib is None else f"{x.step_peak_mib:.0f}",
+            "n/a"
+            if x.step_peak_mib is None or not plain.step_peak_mib
+            else f"{x.step_peak_mib / plain.step_peak_mib:.2f}",
+            f"{x.step_s:.2f}",
+            f"{x.step_s / plain.step_s:.2f}",
+        ]
+        for x in r.switches
+    ]
     return "\n".join(
         [
             "### Memory: score history and RSS per rank",
@@ -261,6 +357,15 @@ def render(r: Result) -> str:
             "",
             f"Target history ≤ 2·N/W bytes + O(B) (float16, the default): {'met' if ok else '**not met**'}; "
             "float32 (`selection.history_dtype=float32`) doubles it.",
+            "",
+            f"Model switches: one forward + backward of `{r.switch_model}` (open_clip, fp32, one torch thread) "
+            f"on a batch of {r.switch_batch} random images and captions, the same weights in every row; the "
+            "peak memory the step adds over the resident weights and gradients (VmHWM after resetting it) and "
+            "the median of 3 steps' seconds. Gradient checkpointing recomputes each transformer block in the "
+            "backward pass instead of keeping its activations; patch dropout trains on half the image patches "
+            "(scoring and evaluation see all of them).",
+            "",
+            c.md_table(["setting", "step adds MiB", "ratio to plain", "step s", "ratio to plain"], switch_rows),
             "",
             f"Peak RSS per rank (VmHWM, polled from /proc every 0.2 s while the ranks run), configs/demo.yaml "
             f"(`dissect-tiny-vit`, dissect_warmup, batch 128, fp32), {c.NPROC} ranks via torchrun, {r.steps} "

@@ -24,6 +24,7 @@ from dissect_ds.data import DataConfig
 from dissect_ds.evaluation.config import EvalConfig
 from dissect_ds.selection import SelectionConfig
 from dissect_ds.selection import validate as validate_selection
+from dissect_ds.selection.selector import kept_count
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
@@ -285,6 +286,18 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"train.batch_size ({t.batch_size}) must be divisible by world size x grad_accum "
             f"({world_size} x {t.grad_accum})"
         )
+    if cfg.selection.strategy != "none" and t.grad_accum > 1:
+        per_rank = cfg.selection.scope == "local" and world_size is not None
+        kept = (
+            world_size * kept_count(cfg.selection.rate, t.batch_size // world_size)
+            if per_rank
+            else kept_count(cfg.selection.rate, t.batch_size)
+        )
+        if kept < t.grad_accum:
+            raise ConfigError(
+                f"selection.rate: {cfg.selection.rate} keeps {kept} pairs of each step, fewer than its "
+                f"train.grad_accum ({t.grad_accum}) micro-batches; raise the rate or lower grad_accum"
+            )
     if not model_exists(cfg.model.name):
         raise ConfigError(f"model.name: unknown model '{cfg.model.name}' (see `python -m dissect_ds.model --list`)")
     if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():

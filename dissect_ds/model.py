@@ -30,6 +30,11 @@ class Features:
     text: torch.Tensor
     logit_scale: float
 
+    @staticmethod
+    def cat(parts: list[Features]) -> Features:
+        """The rows of ``parts`` in order (one model's features: one logit scale)."""
+        return Features(torch.cat([p.image for p in parts]), torch.cat([p.text for p in parts]), parts[0].logit_scale)
+
 
 def model_exists(name: str) -> bool:
     return name in open_clip.list_models()

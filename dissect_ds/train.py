@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +23,9 @@ from dissect_ds import checkpoint as ckpt
 from dissect_ds import config as C
 from dissect_ds import distributed as D
 from dissect_ds.rundir import RunDirBusy, RunLock
+
+if TYPE_CHECKING:
+    from dissect_ds.model import Features
 
 EXIT_DIVERGED = 3  # a non-finite loss, gradient norm or weights stopped the run
 EXIT_PREEMPTED = 75  # a signal or the launcher's death stopped the run after a checkpoint (EX_TEMPFAIL)
@@ -95,6 +99,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def micro_splits(kept_per_rank: list[int], accum: int, rank: int) -> list[tuple[torch.Tensor, list[int]]]:
+    """How a step's k kept rows are trained in ``accum`` micro-batches: for each, this
+    rank's rows (indices into its kept rows) and every rank's row count. Kept row g
+    (numbered over the ranks in rank order) goes to micro-batch g % accum, so every
+    micro-batch holds k // accum rows or one more, each rank's share as even; every rank
+    knows every count, so no collective is needed."""
+    offsets = [sum(kept_per_rank[:r]) for r in range(len(kept_per_rank))]
+    out = []
+    for m in range(accum):
+        sizes = [len(range((m - off) % accum, n, accum)) for off, n in zip(offsets, kept_per_rank)]
+        out.append((torch.arange(kept_per_rank[rank])[(m - offsets[rank]) % accum :: accum], sizes))
+    return out
+
+
 class Trainer:
     # How each checkpointed component survives a change of world size (see dissect_ds/checkpoint.py).
     KINDS = {"train": ckpt.REPLICATED, "selection": ckpt.SHARDED, "data": ckpt.PER_RANK, "rng": ckpt.PER_RANK}
@@ -112,7 +130,7 @@ class Trainer:
         num_samples, num_uids = dataset_size(cfg.data.train)
         t = cfg.train
         self.micro_batch = t.batch_size // (info.world_size * t.grad_accum)
-        self.steps_per_epoch = max(1, num_samples // t.batch_size)
+        self.steps_per_epoch = max(1, cfg.data.epoch_samples(num_samples) // t.batch_size)
         self.selector = Selector(
             cfg.selection,
             num_uids=num_uids,
@@ -216,28 +234,29 @@ class Trainer:
         return final
 
     def train_step(self, batches) -> dict[str, float]:
-        """One optimizer step: ``grad_accum`` micro-batches, each scored, selected, trained."""
+        """One optimizer step: its ``grad_accum`` micro-batches are scored, one top-k is
+        taken over the whole global batch, and the kept rows are trained in ``grad_accum``
+        micro-batches (the same selection however the batch is split)."""
         cfg, state = self.cfg, self.state
+        accum = cfg.train.grad_accum
+        with self.timer("data"):
+            parts = [next(batches) for _ in range(accum)]
+        batch = type(parts[0]).cat(parts) if accum > 1 else parts[0]
+        selection = self.selector.select(state.step, batch, self.encode, micro_size=len(parts[0]))
+        kept = batch.select(selection.mask)
         totals: dict[str, float] = {}
-        for micro in range(cfg.train.grad_accum):
-            with self.timer("data"):
-                batch = next(batches)
-            selection = self.selector.select(state.step, batch, self.engine.encode, micro=micro)
+        for rows, sizes in micro_splits(selection.kept_per_rank, accum, self.info.rank):
             with self.timer("train"):
-                out = self.engine.train_step(
-                    batch.select(selection.mask), fallback=batch, sizes=selection.kept_per_rank
-                )
-            for k, v in {**out, **selection.metrics}.items():
-                # One rule under accumulation: times and counts add up over the micro-batches
-                # (so the time split still sums to the step), everything else is averaged.
-                summed = k.startswith("time/") or k == "selected"
-                totals[k] = totals.get(k, 0.0) + (v if summed else v / cfg.train.grad_accum)
-            every = cfg.log.histograms_every_steps
-            if self.info.is_main and every and micro == 0 and state.step % every == 0:
-                for name, values in selection.histograms.items():
-                    self.writer.histogram(state.step, name, values)
-            state.samples_seen += cfg.train.batch_size // cfg.train.grad_accum
-            state.selected_seen += selection.num_selected
+                out = self.engine.train_step(kept.select(rows), fallback=batch, sizes=sizes)
+            for k, v in out.items():
+                totals[k] = totals.get(k, 0.0) + v / accum
+        totals.update(selection.metrics)
+        every = cfg.log.histograms_every_steps
+        if self.info.is_main and every and state.step % every == 0:
+            for name, values in selection.histograms.items():
+                self.writer.histogram(state.step, name, values)
+        state.samples_seen += cfg.train.batch_size
+        state.selected_seen += selection.num_selected
         # Once per optimizer step (the update ran in the last micro-batch's train_step):
         # snapshot, refresh and EMA schedules count optimizer steps.
         self.selector.after_step(state.step)
@@ -250,6 +269,15 @@ class Trainer:
         if torch.cuda.is_available():
             totals["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return totals
+
+    def encode(self, batch) -> Features:
+        """The scoring forward over a step's rows, one micro-batch at a time (no gradient:
+        only the features are kept, so activation memory stays that of one micro-batch)."""
+        from dissect_ds.model import Features
+
+        n = self.micro_batch
+        chunks = [batch.select(torch.arange(i, min(i + n, len(batch)))) for i in range(0, len(batch), n)]
+        return Features.cat([self.engine.encode(c) for c in chunks])
 
     def data_counters(self) -> dict[str, int]:
         counts = self.stream.skip_counts()

@@ -22,6 +22,21 @@ class Batch:
     def __len__(self) -> int:
         return int(self.uids.shape[0])
 
+    @classmethod
+    def cat(cls, parts: list[Batch]) -> Batch:
+        """The rows of ``parts`` in order (a field is None if it is None in any part)."""
+
+        def join(ts: list[torch.Tensor | None]) -> torch.Tensor | None:
+            return None if any(t is None for t in ts) else torch.cat(ts)
+
+        return cls(
+            images=torch.cat([p.images for p in parts]),
+            tokens=torch.cat([p.tokens for p in parts]),
+            uids=torch.cat([p.uids for p in parts]),
+            noisy=join([p.noisy for p in parts]),
+            labels=join([p.labels for p in parts]),
+        )
+
     def select(self, mask_or_index: torch.Tensor) -> Batch:
         """Rows picked by a bool mask [b] or an index tensor [k]; None fields stay None."""
 

@@ -199,12 +199,21 @@ class _Layout:
     num_workers: int  # logical workers, >= 1
     resampled: bool
     shuffle_buffer: int
+    source_weights: tuple[float, ...] | None = None  # resampled: a shard's draw weight is its source's
+    samples_per_epoch: int | None = None  # resampled: the stream epoch's length over all ranks
 
     def epoch_shards(self, shards: tuple[Shard, ...], epoch: int, worker: int) -> list[Shard]:
         if self.resampled:
             rng = random.Random(_mix(self.seed, "draw", epoch, self.rank, worker))
-            n = max(1, math.ceil(len(shards) / (self.world_size * self.num_workers)))
-            return [shards[rng.randrange(len(shards))] for _ in range(n)]
+            per_worker = self.world_size * self.num_workers
+            if self.samples_per_epoch:
+                mean_size = max(1.0, sum(s.size for s in shards) / len(shards))
+                n = max(1, math.ceil(self.samples_per_epoch / (per_worker * mean_size)))
+            else:
+                n = max(1, math.ceil(len(shards) / per_worker))
+            if self.source_weights is None:
+                return [shards[rng.randrange(len(shards))] for _ in range(n)]
+            return rng.choices(shards, weights=[self.source_weights[s.source] for s in shards], k=n)
         order = list(range(len(shards)))
         random.Random(_mix(self.seed, "shards", epoch)).shuffle(order)
         mine = order[self.rank :: self.world_size][worker :: self.num_workers]
@@ -342,6 +351,8 @@ class TrainStream:
             "num_workers": lay.num_workers,
             "resampled": lay.resampled,
             "shuffle_buffer": lay.shuffle_buffer,
+            "source_weights": list(lay.source_weights) if lay.source_weights else None,
+            "samples_per_epoch": lay.samples_per_epoch,
             "fingerprint": self._shardset.fingerprint(),
             "positions": [[p.epoch, p.consumed] for p in self._positions],
             "skips": [dict(p.skips) for p in self._positions],
@@ -360,13 +371,26 @@ class TrainStream:
 def _restore(state: dict, layout: _Layout, shardset: ShardSet) -> tuple[list[_Position], int]:
     """Worker positions and next worker from a saved state; a different layout or
     data set restarts all workers at the stream epoch after the furthest saved one."""
-    saved = {k: state.get(k) for k in ("seed", "world_size", "num_workers", "resampled", "shuffle_buffer")}
+    saved = {
+        k: state.get(k)
+        for k in (
+            "seed",
+            "world_size",
+            "num_workers",
+            "resampled",
+            "shuffle_buffer",
+            "source_weights",
+            "samples_per_epoch",
+        )
+    }
     now = {
         "seed": layout.seed,
         "world_size": layout.world_size,
         "num_workers": layout.num_workers,
         "resampled": layout.resampled,
         "shuffle_buffer": layout.shuffle_buffer,
+        "source_weights": list(layout.source_weights) if layout.source_weights else None,
+        "samples_per_epoch": layout.samples_per_epoch,
     }
     same_data = state.get("fingerprint") == shardset.fingerprint()
     if state.get("version") == STATE_VERSION and saved == now and same_data:
@@ -437,6 +461,8 @@ def build_train_stream(
         num_workers=workers,
         resampled=cfg.resampled,
         shuffle_buffer=cfg.shuffle_buffer,
+        source_weights=cfg.weights(),
+        samples_per_epoch=cfg.samples_per_epoch,
     )
     if state:
         positions, next_worker = _restore(state, layout, shardset)

@@ -61,6 +61,7 @@ class Shard:
     uid_base: int
     uid_offset: int
     uid_limit: int
+    source: int = 0  # index of its ``::`` source in the spec
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,7 @@ def _resolve(spec: str) -> ShardSet:
     shards: list[Shard] = []
     num_samples = 0
     num_uids = 0
-    for part in _parts(spec):
+    for source, part in enumerate(_parts(spec)):
         urls, folder = _source_files(part)
         sizes, info = _manifests(folder) if folder is not None else ({}, {})
         unknown = [u for u in urls if not isinstance(sizes.get(os.path.basename(u)), int)]
@@ -255,6 +256,7 @@ def _resolve(spec: str) -> ShardSet:
                     uid_base=num_uids + within,
                     uid_offset=num_uids,
                     uid_limit=source_uids,
+                    source=source,
                 )
             )
             within += count

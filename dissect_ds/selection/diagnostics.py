@@ -167,7 +167,7 @@ class NoiseAuroc:
 class Recorder:
     """Appends one JSON line per scored pair of this rank's rows to ``<run_dir>/selection/rank{R}.jsonl``.
 
-    Fields: step (optimizer step), micro (its micro-batch), uid, current, historical,
+    Fields: step (optimizer step), micro (the micro-batch of the step the pair was loaded in), uid, current, historical,
     differential, selected, and noisy where known;
     null for a score the strategy does not compute. Opt-in (``selection.record``): the
     formatting is per-row Python, unlike the selection itself. After a resume, steps
@@ -192,7 +192,7 @@ class Recorder:
             cols[name] = v[rows].tolist() if v is not None else [None] * n
         lines = []
         for i in range(n):
-            row = {"step": sb.step, "micro": sb.micro, "uid": cols["uid"][i], "current": cols["current"][i]}
+            row = {"step": sb.step, "micro": i // sb.micro_size, "uid": cols["uid"][i], "current": cols["current"][i]}
             row.update(historical=cols["historical"][i], differential=cols["differential"][i])
             row["selected"] = cols["selected"][i]
             if cols["noisy"][i] >= 0:

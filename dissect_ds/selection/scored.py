@@ -18,7 +18,7 @@ class ScoredBatch:
     """
 
     step: int  # optimizer step
-    micro: int  # micro-batch of the step (gradient accumulation)
+    micro_size: int  # rows of one micro-batch on each rank: local row i came in micro-batch i // micro_size
     in_warmup: bool
     seed: int
     batch: object  # this rank's batch, for historical-model forwards

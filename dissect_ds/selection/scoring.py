@@ -51,18 +51,17 @@ def per_sample_contrastive_loss(
     return 0.5 * (F.cross_entropy(i2t, target, reduction="none") + F.cross_entropy(t2i, target, reduction="none"))
 
 
-def random_priority(seed: int, step: int, uids: torch.Tensor, micro: int = 0) -> torch.Tensor:
-    """Uniform random priorities for a global batch, a pure function of (seed, step, micro, uids).
+def random_priority(seed: int, step: int, uids: torch.Tensor) -> torch.Tensor:
+    """Uniform random priorities for a global batch, a pure function of (seed, step, uids).
 
-    ``micro``: the micro-batch of the optimizer step ``step`` under gradient accumulation,
-    so the micro-batches of one step draw differently. Values are drawn from a CPU
-    generator seeded by (seed, step, micro) and assigned in stable uid-sorted order, so
+    Values are drawn from a CPU generator seeded by (seed, step) and assigned in stable
+    uid-sorted order, so
     every rank, any world size, and CPU or GPU runs draw the same ones for the same global
     batch. ``uids``: ``[B]`` int64 -> ``[B]`` float32 on ``uids.device``.
     """
     gen = torch.Generator(device="cpu")
-    # Odd multipliers spread (seed, step, micro) over the generator's seed space.
-    mixed = int(seed) * 0x9E3779B1 + int(step) * 0x85EBCA77 + int(micro) * 0xC2B2AE3D + 0x27D4EB2F
+    # Odd multipliers spread (seed, step) over the generator's seed space.
+    mixed = int(seed) * 0x9E3779B1 + int(step) * 0x85EBCA77 + 0x27D4EB2F
     gen.manual_seed(mixed % (2**63))
     draws = torch.rand(uids.shape[0], generator=gen).to(uids.device)
     out = torch.empty_like(draws)

@@ -58,7 +58,7 @@ def _check_same_on_all_ranks(mask: torch.Tensor, what: str) -> None:
         raise RuntimeError(f"ranks diverged on {what}: checksums differ ({(-t[1]).item()} vs {t[0].item()})")
 
 
-def _k(rate: float, n: int) -> int:
+def kept_count(rate: float, n: int) -> int:
     """max(1, floor(rate * n)) for n > 0 (the epsilon absorbs e.g. 0.29 * 100 = 28.999...)."""
     return max(1, math.floor(rate * n + 1e-9)) if n > 0 else 0
 
@@ -85,10 +85,11 @@ class Selector:
 
     Steps are optimizer steps: warm-up length, snapshot, refresh, EMA and shadow schedules
     count optimizer updates whatever ``train.grad_accum`` is. Under gradient accumulation
-    each micro-batch is selected on its own (``select(step, ..., micro=m)``), and
-    :meth:`after_step` runs once, after the step's optimizer update.
+    the trainer passes the whole step (its micro-batches concatenated), so one top-k is
+    taken over the global batch B however it is split; :meth:`after_step` runs once,
+    after the step's optimizer update.
 
-    Collective contract: all ranks call :meth:`select` once per micro-batch and
+    Collective contract: all ranks call :meth:`select` once per optimizer step and
     :meth:`after_step` once per optimizer step, :meth:`state_dict` and
     :meth:`load_state_dict` together. ``make_historical``
     (collective) builds the host-resident historical model, lazily, for ``dissect_model``
@@ -146,12 +147,16 @@ class Selector:
         self.alarm = EarlySnapshotAlarm() if rank == 0 and cls.has_historical() else None
 
     # ---------------------------------------------------------------- the step
-    def select(self, step: int, batch, encode: Callable[[object], Features], micro: int = 0) -> Selection:
-        """Select this rank's rows of ``batch``, micro-batch ``micro`` of optimizer step ``step`` (collective).
+    def select(
+        self, step: int, batch, encode: Callable[[object], Features], micro_size: int | None = None
+    ) -> Selection:
+        """Select this rank's rows of ``batch``, its share of optimizer step ``step`` (collective).
 
         ``batch`` has ``.uids`` (``[b]`` int64), ``.noisy`` (``[b]`` bool or None) and
         ``len()``; ``encode(batch)`` is the current model's no-grad inference-mode forward
-        (collective; called on every rank or on none).
+        (collective; called on every rank or on none). ``micro_size``: rows per
+        micro-batch when ``batch`` is a step's micro-batches concatenated (for the
+        per-pair records; default: one micro-batch).
         """
         t_start = time.perf_counter()
         cfg, strategy = self.cfg, self.strategy
@@ -163,7 +168,7 @@ class Selector:
             feats = encode(batch)
             sync(self.device)
             score_seconds = time.perf_counter() - t0
-        sb = self._gather_batch(step, micro, in_warmup, batch, feats)
+        sb = self._gather_batch(step, micro_size or max(1, len(batch)), in_warmup, batch, feats)
         if feats is not None:
             sb.timings["time/score"] = score_seconds
         if with_loss:
@@ -173,14 +178,14 @@ class Selector:
             sb.set_historical(self.shadow.scores(batch, sb.uids, sb.rows_per_rank, step, sb.timings))
 
         if in_warmup and strategy.obeys_warmup:
-            priority = random_priority(self.seed, step, sb.uids, micro) if cfg.warmup_mode == "random" else None
+            priority = random_priority(self.seed, step, sb.uids) if cfg.warmup_mode == "random" else None
         else:
             priority = strategy.priority(sb)
         mask = self._topk(priority, sb)
         if priority is not None:
             # Cheap insurance: a rank that diverged would train on other pairs than its peers
             # think, and the gathered loss would silently mix two selections.
-            _check_same_on_all_ranks(mask, f"selection mask at step {step} (micro-batch {micro})")
+            _check_same_on_all_ranks(mask, f"selection mask at step {step}")
         strategy.update(sb, mask)
 
         rows = dist.local_slice(sb.rows_per_rank, self.rank)
@@ -200,7 +205,7 @@ class Selector:
         selected = torch.stack([m.sum() for m in mask.split(sb.rows_per_rank)]).tolist()  # one host sync
         return Selection(mask[rows], int(metrics["selected"]), selected, metrics, histograms)
 
-    def _gather_batch(self, step: int, micro: int, in_warmup: bool, batch, feats: Features | None) -> ScoredBatch:
+    def _gather_batch(self, step: int, micro_size: int, in_warmup: bool, batch, feats: Features | None) -> ScoredBatch:
         """Gather uids, noise labels and (when scored) current scores in one all-gather.
 
         Packed as float64 columns ``[uid, noisy code, c]``: exact for uids < 2**53 and
@@ -226,7 +231,7 @@ class Selector:
                 raise ValueError(f"selection: uid out of range [0, {self.num_uids}): min {int(lo)}, max {int(hi)}")
         return ScoredBatch(
             step=step,
-            micro=micro,
+            micro_size=micro_size,
             in_warmup=in_warmup,
             seed=self.seed,
             batch=batch,
@@ -255,15 +260,15 @@ class Selector:
         # Exact ties are common (unseen pairs have h = c, so d is flat; so is the first step
         # after a snapshot): break them by a per-(step, uid) draw, not by uid, which would
         # keep the smallest uids of every such batch.
-        tiebreak = random_priority(self.seed, sb.step, sb.uids, sb.micro)
+        tiebreak = random_priority(self.seed, sb.step, sb.uids)
         if self.cfg.scope == "local":
             group = torch.repeat_interleave(
                 torch.arange(len(sb.rows_per_rank), device=self.device),
                 torch.tensor(sb.rows_per_rank, device=self.device),
             )
-            k = torch.tensor([_k(self.cfg.rate, s) for s in sb.rows_per_rank], dtype=torch.long)
+            k = torch.tensor([kept_count(self.cfg.rate, s) for s in sb.rows_per_rank], dtype=torch.long)
             return topk_mask(priority, tiebreak, k, group)
-        k = torch.tensor([_k(self.cfg.rate, n)], dtype=torch.long)
+        k = torch.tensor([kept_count(self.cfg.rate, n)], dtype=torch.long)
         return topk_mask(priority, tiebreak, k)
 
     # ---------------------------------------------------------------- schedule

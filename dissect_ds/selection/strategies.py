@@ -124,7 +124,7 @@ class Random(Strategy):
     name = "random"
 
     def priority(self, sb: ScoredBatch) -> torch.Tensor:
-        return random_priority(sb.seed, sb.step, sb.uids, sb.micro)
+        return random_priority(sb.seed, sb.step, sb.uids)
 
 
 class CurrentScore(Strategy):

@@ -25,6 +25,11 @@ class FakeBatch:
     def __len__(self) -> int:
         return int(self.uids.shape[0])
 
+    @classmethod
+    def cat(cls, parts: list[FakeBatch]) -> FakeBatch:
+        noisy = None if any(p.noisy is None for p in parts) else torch.cat([p.noisy for p in parts])
+        return cls(torch.cat([p.uids for p in parts]), noisy)
+
 
 class FakeClip:
     """Features from fixed per-uid tables plus a drift growing with ``version``.

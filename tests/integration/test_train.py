@@ -245,3 +245,35 @@ def test_resume_at_another_world_size_resaves_a_tag_cleanly(synthetic, tmp_path)
     proc = torchrun(1, [*common, "train.steps=10", "resume=latest"])
     assert "resumed from" in proc.stdout and "at step 8" in proc.stdout
     assert max(losses(tmp_path / "ws")) == 10
+
+
+def test_accumulated_steps_keep_the_top_k_of_the_whole_global_batch(synthetic, tmp_path):
+    """grad_accum 2 on 2 ranks (4 rows per micro-batch and rank): each optimizer step keeps
+    exactly floor(rate * B) = 8 of its 16 pairs, the 8 best current scores of the whole
+    step, and the records name the step and the micro-batch each pair came in."""
+    import json
+
+    torchrun(
+        2,
+        [
+            *tiny_overrides(synthetic, tmp_path, "accum"),
+            "train.grad_accum=2",
+            "train.steps=3",
+            "data.val=null",
+            "selection.strategy=current_score",
+            "selection.rate=0.5",
+            "selection.warmup_steps=0",
+            "selection.warmup_epochs=0",
+            "selection.record=true",
+        ],
+    )
+    run = tmp_path / "accum"
+    rows = [json.loads(ln) for r in (0, 1) for ln in (run / "selection" / f"rank{r}.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in rows} == {0, 1, 2}
+    for step in range(3):
+        mine = [r for r in rows if r["step"] == step]
+        assert len(mine) == 16 and sorted(r["micro"] for r in mine) == [0] * 8 + [1] * 8
+        by_score = sorted(mine, key=lambda r: -r["current"])
+        assert sum(r["selected"] for r in mine) == 8
+        assert {r["uid"] for r in by_score[:8]} == {r["uid"] for r in mine if r["selected"]}
+    assert [m["selected"] for m in metrics(run) if "loss" in m] == [8, 8, 8]

@@ -3,6 +3,7 @@ coverage, bad-data handling, the shard writers (synthetic, csv)."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -258,6 +259,51 @@ def test_joined_sources_get_disjoint_uids(synth: Path) -> None:
     assert dataset_size(spec) == (N_TRAIN + N_VAL, N_TRAIN + N_VAL)
     uids = _cat(_val(DataConfig(val=spec, num_workers=0), bs=64))
     assert sorted(uids) == list(range(N_TRAIN + N_VAL))
+
+
+def test_source_weights_set_how_often_each_source_is_drawn(synth: Path) -> None:
+    """Resampled train = train (8 shards of 30) :: val (2 shards of 30) with weights 1::12:
+    per shard val is drawn 12x as often, so val pairs make up 12*2 / (8 + 12*2) = 3/4."""
+    spec = f"{synth / 'train'}::{synth / 'val'}"
+    cfg = DataConfig(train=spec, resampled=True, num_workers=0, shuffle_buffer=1, source_weights="1::12")
+    assert cfg.validate() is None
+    uids = _cat(list(islice(_stream(cfg, bs=30), 400)))
+    from_val = sum(u >= N_TRAIN for u in uids) / len(uids)
+    assert abs(from_val - 0.75) < 0.05, from_val
+    plain = _cat(list(islice(_stream(dataclasses.replace(cfg, source_weights=None), bs=30), 400)))
+    assert abs(sum(u >= N_TRAIN for u in plain) / len(plain) - 0.2) < 0.05  # 2 of 10 shards
+    # Still a pure function of the seed, and exactly resumable.
+    first = _stream(cfg, bs=30)
+    it = iter(first)
+    head = [next(it) for _ in range(7)]
+    state = json.loads(json.dumps(first.state_dict()))
+    assert _cat(head + list(islice(_stream(cfg, bs=30, state=state), 5))) == uids[: 12 * 30]
+
+
+def test_samples_per_epoch_sets_the_resampled_epoch_length(synth: Path) -> None:
+    cfg = _cfg(synth, resampled=True, num_workers=0, shuffle_buffer=1, samples_per_epoch=90)
+    stream = _stream(cfg, bs=30, world=1)
+    list(islice(stream, 3))  # 3 shards of 30 = one epoch of 90 pairs
+    assert stream.state_dict()["positions"][0] == [0, 90]
+    list(islice(stream, 1))
+    assert stream.state_dict()["positions"][0] == [1, 30]
+    assert cfg.epoch_samples(N_TRAIN) == 90 and _cfg(synth).epoch_samples(N_TRAIN) == N_TRAIN
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"source_weights": "1::2"}, "only with data.resampled=true"),
+        ({"samples_per_epoch": 10}, "only with data.resampled=true"),
+        ({"resampled": True, "source_weights": "1::2"}, "2 weight(s) for 1 data.train source(s)"),
+        ({"resampled": True, "source_weights": "x"}, "must be numbers joined with '::'"),
+        ({"resampled": True, "source_weights": "0"}, "at least one > 0"),
+        ({"resampled": True, "samples_per_epoch": 0}, "must be > 0"),
+    ],
+)
+def test_resampling_options_are_checked_in_one_line(synth: Path, kw: dict, message: str) -> None:
+    err = _cfg(synth, **kw).validate()
+    assert err is not None and message in err and "\n" not in err
 
 
 def test_read_classnames_defaults_to_the_val_folder_or_its_parent(synth: Path, tmp_path: Path) -> None:

@@ -1,10 +1,12 @@
-"""Selection schedules count optimizer steps under gradient accumulation.
+"""Selection under gradient accumulation: one top-k over the whole step, schedules in
+optimizer steps.
 
 Drives the real ``Trainer.train_step`` with a fake engine (the optimizer update happens at
 the last micro-batch of a step, as DeepSpeed's ``step()`` does at the accumulation
 boundary) and the deterministic fakes of ``dissect_ds.selection.testing``: the same
-global batches split into 1 or 2 micro-batches must take the snapshot after the same
-optimizer step, EMA-update it once per optimizer step and keep warm-up whole steps.
+global batches split into 1, 2 or 3 micro-batches must select the same pairs, take the
+snapshot after the same optimizer step, EMA-update it once per optimizer step and keep
+warm-up whole steps.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import torch
 from dissect_ds import config as C
 from dissect_ds.metrics import StepTimer
 from dissect_ds.selection import SelectionConfig, Selector
-from dissect_ds.selection.scoring import random_priority
 from dissect_ds.selection.testing import FakeBatch, FakeClip, FakeHistorical
 from dissect_ds.train import Trainer, TrainState
 
@@ -37,9 +38,11 @@ class FakeEngine:
     def __init__(self, model: FakeClip, grad_accum: int) -> None:
         self.model, self.grad_accum, self.calls = model, grad_accum, 0
         self.encode = model.encode
+        self.trained: list[list[int]] = []  # uids of each train_step call
 
     def train_step(self, batch, fallback, sizes: list[int]) -> dict[str, float]:
         assert sizes == [len(batch)]
+        self.trained.append(batch.uids.tolist())
         self.calls += 1
         if self.calls % self.grad_accum == 0:
             self.model.version += 1
@@ -60,9 +63,12 @@ class HistogramLog:
         self.calls.append((step, name))
 
 
-def train(sel_cfg: SelectionConfig, grad_accum: int) -> tuple[list, list[dict], list[FakeHistorical], list]:
+def train(
+    sel_cfg: SelectionConfig, grad_accum: int, trained: list | None = None
+) -> tuple[list, list[dict], list[FakeHistorical], list]:
     """STEPS optimizer steps of the real train_step: the historical version after each,
-    the metrics, the historical models, the histograms written as (step, name)."""
+    the metrics, the historical models, the histograms written as (step, name); the uids
+    of each train_step call are appended to ``trained``."""
     model = FakeClip(N)
     hists: list[FakeHistorical] = []
 
@@ -81,6 +87,7 @@ def train(sel_cfg: SelectionConfig, grad_accum: int) -> tuple[list, list[dict], 
     trainer.info = SimpleNamespace(is_main=True, rank=0, world_size=1)
     trainer.state, trainer.timer, trainer.steps_per_epoch = TrainState(), StepTimer(), steps_per_epoch
     trainer.engine = FakeEngine(model, grad_accum)
+    trainer.micro_batch = B // grad_accum
     trainer.selector = Selector(
         sel_cfg,
         num_uids=N,
@@ -102,6 +109,8 @@ def train(sel_cfg: SelectionConfig, grad_accum: int) -> tuple[list, list[dict], 
         metrics.append(trainer.train_step(batches))
         trainer.state.step += 1
         versions.append(None if not hists else hists[-1].version)
+    if trained is not None:
+        trained.extend(trainer.engine.trained)
     return versions, metrics, hists, trainer.writer.calls
 
 
@@ -130,28 +139,44 @@ def test_schedules_count_optimizer_steps(cfg, expected):
         assert ["selection/historical_sel" in x for x in m] == [i >= first for i in range(STEPS)]
 
 
-def test_micro_batches_of_one_step_draw_different_priorities():
-    uids = torch.arange(10)
-    assert torch.equal(random_priority(3, 4, uids, micro=0), random_priority(3, 4, uids))
-    assert not torch.equal(random_priority(3, 4, uids, micro=1), random_priority(3, 4, uids))
-    assert not torch.equal(random_priority(3, 4, uids, micro=1), random_priority(3, 5, uids))
+@pytest.mark.parametrize("strategy", ["current_score", "small_loss", "dissect_momentum", "random"])
+def test_one_top_k_over_the_whole_step_however_it_is_split(strategy):
+    """grad_accum 2 and 3 keep exactly floor(rate * B) pairs of each step, the same ones as
+    one selection over the step's concatenated micro-batches (grad_accum 1), trained in
+    micro-batches of k // grad_accum rows or one more."""
+    cfg = SelectionConfig(strategy=strategy, rate=0.5, warmup_steps=1)
+    k = B // 2
+    steps_one: list = []
+    _, m1, _, _ = train(cfg, grad_accum=1, trained=steps_one)
+    assert all(len(t) == k for t in steps_one) and len(steps_one) == STEPS
+    for accum in (2, 3):
+        calls: list = []
+        _, metrics, _, _ = train(cfg, grad_accum=accum, trained=calls)
+        assert sorted(len(c) for c in calls[:accum]) == sorted(k // accum + (m < k % accum) for m in range(accum))
+        steps = [sum(calls[i : i + accum], []) for i in range(0, len(calls), accum)]
+        assert [sorted(s) for s in steps] == [sorted(s) for s in steps_one]
+        assert [m["selected"] for m in metrics] == [k] * STEPS
+        for a, b in zip(metrics, m1):
+            assert a.get("selection/rate_effective") == b.get("selection/rate_effective")
 
 
-def test_metrics_under_accumulation_sum_times_and_counts_and_average_rates(monkeypatch):
-    """Each micro-batch reports 1 s of scoring and a rate of 0.25: the step reports grad_accum
-    seconds (so the time split adds up to the step) and the rate 0.25."""
-    real = Selector.select
+def test_micro_splits_spread_the_kept_rows_over_micro_batches_and_ranks():
+    from dissect_ds.train import micro_splits
 
-    def select(self, *args, **kw):
-        out = real(self, *args, **kw)
-        out.metrics.update({"time/score": 1.0, "selection/probe_rate": 0.25})
-        return out
+    kept = [5, 2, 0, 3]  # four ranks, k = 10
+    for accum in (1, 2, 3, 4):
+        per_rank = [micro_splits(kept, accum, r) for r in range(len(kept))]
+        for r, splits in enumerate(per_rank):
+            rows = torch.cat([idx for idx, _ in splits]).sort().values
+            assert torch.equal(rows, torch.arange(kept[r]))  # every kept row once
+            assert [len(idx) for idx, _ in splits] == [sizes[r] for _, sizes in splits]
+        sizes = [s for _, s in per_rank[0]]
+        assert all(s == [sz for _, sz in other] for other in per_rank for s in [sizes])  # the same on every rank
+        totals = [sum(s) for s in sizes]
+        assert sum(totals) == 10 and max(totals) - min(totals) <= 1
 
-    monkeypatch.setattr(Selector, "select", select)
-    cfg = SelectionConfig(strategy="current_score", rate=0.5)
-    for accum in (1, 2, 3):
-        _, metrics, _, _ = train(cfg, grad_accum=accum) if B % accum == 0 else (None, [], None, None)
-        for m in metrics:
-            assert m["time/score"] == pytest.approx(accum)
-            assert m["selection/probe_rate"] == pytest.approx(0.25)
-            assert m["selected"] == B // 2  # a count: summed over the micro-batches
+
+def test_too_few_kept_pairs_for_the_micro_batches_is_a_config_error():
+    cfg = C.Config(train=C.TrainConfig(batch_size=8, grad_accum=4), selection=SelectionConfig("random", rate=0.3))
+    with pytest.raises(C.ConfigError, match=r"selection.rate: 0.3 keeps 2 pairs .* train.grad_accum \(4\)"):
+        C.validate(cfg, 1)
