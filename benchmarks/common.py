@@ -30,8 +30,8 @@ BIN = Path(sys.executable).parent
 DOCS = ROOT / "docs"
 WORK = ROOT / "runs" / "bench"
 NPROC = 2
-PERF_SECTIONS = ("throughput", "overhead", "memory")
-PERF_TITLE = "## Performance: throughput, overhead, memory"
+PERF_SECTIONS = ("throughput", "overhead", "memory", "loader")
+PERF_TITLE = "## Performance: throughput, overhead, memory, data loader"
 
 
 class BenchError(RuntimeError):

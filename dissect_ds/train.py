@@ -163,6 +163,7 @@ class Trainer:
             preprocess=self.engine.preprocess_train,
             tokenizer=self.engine.tokenizer,
             state=restored.get("data"),
+            draft_size=self.engine.image_size,
         )
         if info.is_main:
             # config.yaml is the config of the latest start; every start's is kept beside it.

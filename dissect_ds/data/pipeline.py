@@ -87,10 +87,14 @@ class _Sample:
 class _Decoder:
     """Raw sample -> _Sample, or the skip reason. With `seed`, the preprocess RNGs
     (torch CPU and `random`) are seeded from (seed, epoch, uid) so random
-    augmentation is reproducible; the caller's RNG state is restored afterwards."""
+    augmentation is reproducible; the caller's RNG state is restored afterwards. With
+    `draft`, a JPEG is decoded at the smallest of 1/1, 1/2, 1/4, 1/8 scale that keeps
+    both sides >= `draft` pixels (PIL's draft mode: the DCT does the downscaling, far
+    cheaper than decoding at full size and resizing)."""
 
     preprocess: Preprocess
     seed: int | None = None
+    draft: int | None = None
 
     def __call__(self, raw: dict[str, bytes], shard: Shard, pos: int, epoch: int) -> _Sample | str:
         meta: Any = {}
@@ -121,6 +125,8 @@ class _Decoder:
             return "corrupt_image"
         try:
             with Image.open(io.BytesIO(raw[ext])) as img:
+                if self.draft and img.format == "JPEG":
+                    img.draft("RGB", (self.draft, self.draft))
                 img.load()
                 rgb = img.convert("RGB")
         except Exception:  # PIL raises many types for bad bytes
@@ -531,9 +537,14 @@ def build_train_stream(
     batch_size: int,
     preprocess: Preprocess,
     tokenizer: Tokenizer,
-    state: dict | None = None,
+    state: dict | list[dict] | None = None,
+    draft_size: int | None = None,
 ) -> TrainStream:
     """This rank's infinite training stream of `batch_size`-pair batches.
+
+    `state`: this rank's saved ``state_dict()``, or every saved rank's (a resume at
+    another world size continues the open epoch). `draft_size`: the model's input side;
+    JPEGs are decoded at the smallest DCT scale that keeps them at least that large.
 
     Raises ValueError (one line) if the spec is unusable or, without `resampled`, the
     rank gets no shard. Without `resampled`, a rank with fewer shards than
@@ -577,7 +588,7 @@ def build_train_stream(
         shardset,
         layout,
         batch_size=batch_size,
-        decoder=_Decoder(preprocess, seed),
+        decoder=_Decoder(preprocess, seed, draft_size),
         tokenizer=tokenizer,
         loader_workers=0 if cfg.num_workers == 0 else workers,
         positions=positions,

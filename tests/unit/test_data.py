@@ -357,6 +357,20 @@ def test_resampling_options_are_checked_in_one_line(synth: Path, kw: dict, messa
     assert err is not None and message in err and "\n" not in err
 
 
+def test_jpeg_draft_decodes_at_a_reduced_scale_that_still_covers_the_input(tmp_path: Path) -> None:
+    from dissect_ds.data.pipeline import _Decoder
+    from dissect_ds.data.shards import Shard
+
+    buf = io.BytesIO()
+    Image.new("RGB", (400, 300), (200, 30, 30)).save(buf, format="JPEG")
+    sizes = []
+    decoder = _Decoder(lambda img: sizes.append(img.size) or torch.zeros(1), seed=None, draft=100)
+    shard = Shard(url="x", size=2, sample_offset=0, json_uids=False, uid_base=0, uid_offset=0, uid_limit=2)
+    assert not isinstance(decoder({"jpg": buf.getvalue(), "txt": b"a"}, shard, 0, 0), str)
+    assert not isinstance(decoder({"png": _png(200, size=400), "txt": b"a"}, shard, 1, 0), str)
+    assert sizes == [(200, 150), (400, 400)]  # JPEG: 1/2 scale keeps the short side >= 100; PNG: full size
+
+
 def test_read_classnames_defaults_to_the_val_folder_or_its_parent(synth: Path, tmp_path: Path) -> None:
     assert read_classnames(_cfg(synth)) == classnames()
     spec = str(synth / "val" / "{000000..000001}.tar")
