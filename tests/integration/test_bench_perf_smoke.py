@@ -55,8 +55,8 @@ def test_quick_perf_benchmarks(tmp_path):
     ckpt = switches["model.grad_checkpointing=true"].step_peak_mib
     assert ckpt is None or ckpt < switches["plain"].step_peak_mib
 
-    rows = {(x.pipeline, x.workers): x for x in results["loader"].rows}
-    assert {("dissect_ds", 1), ("dissect_ds", 2), ("open_clip_train", 1), ("raw PIL decode", 0)} <= set(rows)
+    rows = {(x.side, x.pipeline, x.workers): x for x in results["loader"].rows}
+    assert {("dissect_ds", 1), ("dissect_ds", 2), ("open_clip_train", 1), ("raw PIL decode", 0)} <= {k[1:] for k in rows}
     assert all(_finite_positive(v) for x in rows.values() for v in x.pairs_per_cpu_s)
     assert loader.GPU_PAIRS_PER_S
 
