@@ -318,17 +318,17 @@ def test_source_weights_set_how_often_each_source_is_drawn(synth: Path) -> None:
     spec = f"{synth / 'train'}::{synth / 'val'}"
     cfg = DataConfig(train=spec, resampled=True, num_workers=0, shuffle_buffer=1, source_weights="1::12")
     assert cfg.validate() is None
-    uids = _cat(list(islice(_stream(cfg, bs=30), 400)))
+    uids = _cat(list(islice(_stream(cfg, bs=30, preprocess=PLAIN), 400)))
     from_val = sum(u >= N_TRAIN for u in uids) / len(uids)
     assert abs(from_val - 0.75) < 0.05, from_val
-    plain = _cat(list(islice(_stream(dataclasses.replace(cfg, source_weights=None), bs=30), 400)))
+    plain = _cat(list(islice(_stream(dataclasses.replace(cfg, source_weights=None), bs=30, preprocess=PLAIN), 400)))
     assert abs(sum(u >= N_TRAIN for u in plain) / len(plain) - 0.2) < 0.05  # 2 of 10 shards
     # Still a pure function of the seed, and exactly resumable.
-    first = _stream(cfg, bs=30)
+    first = _stream(cfg, bs=30, preprocess=PLAIN)
     it = iter(first)
     head = [next(it) for _ in range(7)]
     state = json.loads(json.dumps(first.state_dict()))
-    assert _cat(head + list(islice(_stream(cfg, bs=30, state=state), 5))) == uids[: 12 * 30]
+    assert _cat(head + list(islice(_stream(cfg, bs=30, state=state, preprocess=PLAIN), 5))) == uids[: 12 * 30]
 
 
 def test_samples_per_epoch_sets_the_resampled_epoch_length(synth: Path) -> None:
