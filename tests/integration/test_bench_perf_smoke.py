@@ -56,7 +56,9 @@ def test_quick_perf_benchmarks(tmp_path):
     assert ckpt is None or ckpt < switches["plain"].step_peak_mib
 
     rows = {(x.side, x.pipeline, x.workers): x for x in results["loader"].rows}
-    assert {("dissect_ds", 1), ("dissect_ds", 2), ("open_clip_train", 1), ("raw PIL decode", 0)} <= {k[1:] for k in rows}
+    assert {("dissect_ds", 1), ("dissect_ds", 2), ("open_clip_train", 1), ("raw PIL decode", 0)} <= {
+        k[1:] for k in rows
+    }
     assert all(_finite_positive(v) for x in rows.values() for v in x.pairs_per_cpu_s)
     assert loader.GPU_PAIRS_PER_S
 
