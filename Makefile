@@ -22,8 +22,8 @@ venv: $(STAMP)
 test: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10 tests
 
-test-fast: venv  # unit tests only (a couple of minutes)
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
+test-fast: venv  # unit tests without the multi-process ones (under two minutes)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests/unit
 
 $(DEMO_DATA)/train/info.json: | venv
 	$(BIN)/python -m dissect_ds.prepare synthetic --num-samples 3000 --noise-rate 0.3 --seed 0 --val-samples 1000 --output $(DEMO_DATA)

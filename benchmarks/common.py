@@ -30,8 +30,8 @@ BIN = Path(sys.executable).parent
 DOCS = ROOT / "docs"
 WORK = ROOT / "runs" / "bench"
 NPROC = 2
-PERF_SECTIONS = ("throughput", "overhead", "memory")
-PERF_TITLE = "## Performance: throughput, overhead, memory"
+PERF_SECTIONS = ("throughput", "overhead", "memory", "loader")
+PERF_TITLE = "## Performance: throughput, overhead, memory, data loader"
 
 
 class BenchError(RuntimeError):
@@ -300,6 +300,26 @@ def prune_run(run_dir: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
     for path in run_dir.rglob("*.pt"):
         path.unlink(missing_ok=True)
+
+
+def open_clip_train_data():
+    """``open_clip_train.data`` with two compatibility shims: a stub for pandas (imported for
+    its CSV dataset only; this project does not install it, the webdataset path never
+    touches it), and ``eof_value=None`` for webdataset >= 0.2.96, whose end-of-shard
+    ``eof_value={}`` marker open_clip_train's ``group_by_keys_nothrow`` cannot read
+    (KeyError 'fname', mlfoundations/open_clip#935, where this fix is named)."""
+    import types
+
+    import webdataset.tariterators as wds_tar
+
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        sys.modules["pandas"] = types.ModuleType("pandas")
+    import open_clip_train.data as oc_data
+
+    oc_data.tar_file_expander = functools.partial(wds_tar.tar_file_expander, eof_value=None)
+    return oc_data
 
 
 # ------------------------------------------------------------------ markdown

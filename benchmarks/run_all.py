@@ -1,10 +1,10 @@
 """``make bench``: run the benchmarks and assemble ``docs/benchmarks.md``.
 
 ``docs/benchmarks.md`` = a header (machine, date, command) + ``docs/bench/perf.md``
-(throughput, overhead, memory; written here) + ``docs/bench/accuracy.md`` (written by
+(throughput, overhead, memory, loader; written here) + ``docs/bench/accuracy.md`` (written by
 ``benchmarks.accuracy.main(argv)`` when that module exists).
 
-    python -m benchmarks.run_all [--quick] [--only throughput,overhead,memory,accuracy]
+    python -m benchmarks.run_all [--quick] [--only throughput,overhead,memory,loader,accuracy]
                                  [--out DOCS_DIR] [--work SCRATCH_DIR]
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from benchmarks import common as c
 
-PERF_PARTS = ("throughput", "overhead", "memory")
+PERF_PARTS = ("throughput", "overhead", "memory", "loader")
 PARTS = (*PERF_PARTS, "accuracy")
 
 

@@ -15,12 +15,10 @@ of ``docs/bench/perf.md``.
 
 from __future__ import annotations
 
-import functools
 import re
 import shutil
 import sys
 import time
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,26 +126,17 @@ def _open_clip(data: Path, s: Setup, out: Path, name: str) -> list[str]:
 
 
 def open_clip_worker(argv: list[str]) -> None:
-    """One open_clip_train rank (run under torchrun), after four compatibility shims.
+    """One open_clip_train rank (run under torchrun), after compatibility shims: those of
+    :func:`benchmarks.common.open_clip_train_data`, plus
 
     - ``dissect-tiny-vit`` lives in dissect_ds/model_configs: registered here.
-    - open_clip_train.data imports pandas for its CSV dataset only; this project does not
-      install pandas, and the webdataset path never touches it.
     - open_clip_train wraps the model in DDP with ``device_ids=[device]``, which torch
       rejects for CPU modules; CPU DDP needs ``device_ids=None``.
-    - webdataset >= 0.2.96 ends each shard with an ``eof_value={}`` marker that
-      open_clip_train's ``group_by_keys_nothrow`` cannot read (KeyError 'fname',
-      mlfoundations/open_clip#935); ``eof_value=None`` is the fix named there.
     """
     import open_clip
     import torch
-    import webdataset.tariterators as wds_tar
 
-    try:
-        import pandas  # noqa: F401
-    except ImportError:
-        sys.modules["pandas"] = types.ModuleType("pandas")
-    import open_clip_train.data as oc_data
+    c.open_clip_train_data()
     from open_clip_train.main import main as open_clip_main
 
     ddp = torch.nn.parallel.DistributedDataParallel
@@ -159,7 +148,6 @@ def open_clip_worker(argv: list[str]) -> None:
             super().__init__(module, device_ids=device_ids, **kwargs)
 
     torch.nn.parallel.DistributedDataParallel = CpuDDP
-    oc_data.tar_file_expander = functools.partial(wds_tar.tar_file_expander, eof_value=None)
     open_clip.add_model_config(c.ROOT / "dissect_ds" / "model_configs")
     open_clip_main(argv)
 

@@ -9,8 +9,8 @@ mixes two saves (e.g. of another world size) in one tag.
 
 What is restored at another world size is decided here, per component kind:
 ``replicated`` state (the train counters) comes from rank 0; ``sharded`` state (the selection
-history) is handed over whole for the component to re-shard; ``per_rank`` state (data stream
-position, RNG) is restored only at the same world size. The checks that need no process
+history, the data stream positions) is handed over whole, every saved rank's, for the
+component to re-shard; ``per_rank`` state (RNG) is restored only at the same world size. The checks that need no process
 group (a resume path that is not a checkpoint, a changed model or batch, ZeRO optimizer state
 at another world size) run during config validation, before anything starts.
 """

@@ -172,6 +172,8 @@ class Engine:
             patch_dropout=cfg.model.patch_dropout,
             augment=cfg.data.augment,
         )
+        size = model.visual.image_size
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)  # input side, pixels
         self.ds_config = build_ds_config(cfg, info.world_size)
         schedule = lr_lambda(cfg.train.warmup_steps, cfg.train.steps, cfg.train.min_lr_ratio)
         self.ds, *_ = deepspeed.initialize(

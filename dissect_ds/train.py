@@ -115,7 +115,7 @@ def micro_splits(kept_per_rank: list[int], accum: int, rank: int) -> list[tuple[
 
 class Trainer:
     # How each checkpointed component survives a change of world size (see dissect_ds/checkpoint.py).
-    KINDS = {"train": ckpt.REPLICATED, "selection": ckpt.SHARDED, "data": ckpt.PER_RANK, "rng": ckpt.PER_RANK}
+    KINDS = {"train": ckpt.REPLICATED, "selection": ckpt.SHARDED, "data": ckpt.SHARDED, "rng": ckpt.PER_RANK}
 
     def __init__(self, cfg: C.Config, info: D.DistInfo, preemption: Preemption | None = None):
         from dissect_ds.data import build_train_stream, dataset_size
@@ -163,6 +163,7 @@ class Trainer:
             preprocess=self.engine.preprocess_train,
             tokenizer=self.engine.tokenizer,
             state=restored.get("data"),
+            draft_size=self.engine.image_size,
         )
         if info.is_main:
             # config.yaml is the config of the latest start; every start's is kept beside it.

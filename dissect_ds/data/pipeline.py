@@ -16,17 +16,27 @@ A resumed worker rebuilds its epoch and replays that many raw samples through th
 shuffle buffer without decoding them, so the batches that follow are bit-identical.
 DataLoader hands out batches from its workers round-robin, starting at worker 0;
 worker ids are rotated so that the worker after the last one consumed goes first.
+
+Resume with another layout (world size, workers, shuffle buffer): from every saved
+rank's positions the samples already taken in the open stream epochs are replayed on
+indices alone (manifest counts and the old buffer's RNG; no tar is read) and marked
+*seen*; all new workers start at the earliest open epoch and leave the seen samples out
+before their shuffle buffer, so the rest of the interrupted epoch is delivered once, over
+the new layout. The seen marks travel in the stream state until those epochs are done.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
 import os
 import random
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -77,10 +87,14 @@ class _Sample:
 class _Decoder:
     """Raw sample -> _Sample, or the skip reason. With `seed`, the preprocess RNGs
     (torch CPU and `random`) are seeded from (seed, epoch, uid) so random
-    augmentation is reproducible; the caller's RNG state is restored afterwards."""
+    augmentation is reproducible; the caller's RNG state is restored afterwards. With
+    `draft`, a JPEG is decoded at the smallest of 1/1, 1/2, 1/4, 1/8 scale that keeps
+    both sides >= `draft` pixels (PIL's draft mode: the DCT does the downscaling, far
+    cheaper than decoding at full size and resizing)."""
 
     preprocess: Preprocess
     seed: int | None = None
+    draft: int | None = None
 
     def __call__(self, raw: dict[str, bytes], shard: Shard, pos: int, epoch: int) -> _Sample | str:
         meta: Any = {}
@@ -111,6 +125,8 @@ class _Decoder:
             return "corrupt_image"
         try:
             with Image.open(io.BytesIO(raw[ext])) as img:
+                if self.draft and img.format == "JPEG":
+                    img.draft("RGB", (self.draft, self.draft))
                 img.load()
                 rgb = img.convert("RGB")
         except Exception:  # PIL raises many types for bad bytes
@@ -232,6 +248,44 @@ class _Position:
     skips: dict[str, int] = field(default_factory=_no_skips)
 
 
+class _Seen:
+    """Per stream epoch, a bitmap over global sample indices of samples already trained on."""
+
+    def __init__(self, num_samples: int, epochs: dict[int, bytearray] | None = None) -> None:
+        self.num_samples, self.epochs = num_samples, epochs or {}
+
+    def has(self, epoch: int, index: int) -> bool:
+        bits = self.epochs.get(epoch)
+        return bits is not None and bool(bits[index >> 3] >> (index & 7) & 1)
+
+    def add(self, epoch: int, indices: Iterable[int]) -> None:
+        bits = self.epochs.setdefault(epoch, bytearray((self.num_samples + 7) // 8))
+        for i in indices:
+            bits[i >> 3] |= 1 << (i & 7)
+
+    def state(self, from_epoch: int) -> dict[str, str]:
+        """The epochs >= ``from_epoch`` as plain data (zlib + base64 strings)."""
+        return {
+            str(e): base64.b64encode(zlib.compress(bytes(b))).decode()
+            for e, b in self.epochs.items()
+            if e >= from_epoch
+        }
+
+    @classmethod
+    def from_state(cls, num_samples: int, state: dict | None) -> _Seen:
+        return cls(
+            num_samples, {int(e): bytearray(zlib.decompress(base64.b64decode(b))) for e, b in (state or {}).items()}
+        )
+
+
+def _epoch_order(layout: _Layout, shardset: ShardSet, seen: _Seen, epoch: int, worker: int) -> Iterator[int]:
+    """Global indices of a worker's stream epoch in the order its shuffle buffer hands them
+    out, from the manifest counts alone (what the stream does, without reading a tar)."""
+    shards = layout.epoch_shards(shardset.shards, epoch, worker)
+    items = (i for s in shards for i in range(s.sample_offset, s.sample_offset + s.size) if not seen.has(epoch, i))
+    return _shuffled(items, layout.shuffle_buffer, layout.buffer_rng(epoch, worker))
+
+
 @dataclass
 class _Meta:
     worker: int
@@ -248,10 +302,11 @@ class _TrainIterable(IterableDataset):
         tokenizer: Tokenizer,
         starts: list[_Position],
         worker_offset: int,
+        seen: _Seen,
     ) -> None:
         self.shardset, self.layout, self.batch_size = shardset, layout, batch_size
         self.decoder, self.tokenizer = decoder, tokenizer
-        self.starts, self.worker_offset = starts, worker_offset
+        self.starts, self.worker_offset, self.seen = starts, worker_offset, seen
 
     def __iter__(self) -> Iterator[tuple[Batch, _Meta]]:
         info = get_worker_info()
@@ -261,7 +316,8 @@ class _TrainIterable(IterableDataset):
         pending: list[_Sample] = []
         while True:
             shards = self.layout.epoch_shards(self.shardset.shards, epoch, worker)
-            raw = _shuffled(_raw_samples(shards), self.layout.shuffle_buffer, self.layout.buffer_rng(epoch, worker))
+            unseen = (x for x in _raw_samples(shards) if not self.seen.has(epoch, x[0].sample_offset + x[1]))
+            raw = _shuffled(unseen, self.layout.shuffle_buffer, self.layout.buffer_rng(epoch, worker))
             consumed = good = 0
             for shard, pos, sample in raw:
                 consumed += 1
@@ -281,7 +337,7 @@ class _TrainIterable(IterableDataset):
                     pos_after = _Position(epoch, consumed, dict(skips))
                     yield _collate(pending, self.tokenizer), _Meta(worker, pos_after)
                     pending = []
-            if good == 0 and skip == 0:
+            if good == 0 and skip == 0 and consumed > 0:
                 raise RuntimeError(
                     f"data: rank {self.layout.rank} worker {worker} found no usable sample in "
                     f"stream epoch {epoch} ({len(shards)} shards; skipped so far: {skips})"
@@ -308,7 +364,9 @@ class TrainStream:
         loader_workers: int,
         positions: list[_Position],
         next_worker: int,
+        seen: _Seen,
     ) -> None:
+        self._seen = seen
         self.num_samples = shardset.num_samples
         self.num_uids = shardset.num_uids
         self._shardset, self._layout = shardset, layout
@@ -325,6 +383,7 @@ class TrainStream:
             self._tokenizer,
             starts=[_Position(p.epoch, p.consumed, dict(p.skips)) for p in self._positions],
             worker_offset=self._next_worker,
+            seen=self._seen,
         )
         loader = DataLoader(
             dataset,
@@ -342,21 +401,15 @@ class TrainStream:
 
     def state_dict(self) -> dict:
         """Position after the last batch handed out (not what workers prefetched)."""
-        lay = self._layout
         return {
             "version": STATE_VERSION,
-            "seed": lay.seed,
-            "rank": lay.rank,
-            "world_size": lay.world_size,
-            "num_workers": lay.num_workers,
-            "resampled": lay.resampled,
-            "shuffle_buffer": lay.shuffle_buffer,
-            "source_weights": list(lay.source_weights) if lay.source_weights else None,
-            "samples_per_epoch": lay.samples_per_epoch,
+            "rank": self._layout.rank,
+            **_layout_state(self._layout),
             "fingerprint": self._shardset.fingerprint(),
             "positions": [[p.epoch, p.consumed] for p in self._positions],
             "skips": [dict(p.skips) for p in self._positions],
             "next_worker": self._next_worker,
+            "seen": self._seen.state(min(p.epoch for p in self._positions)),
         }
 
     def skip_counts(self) -> dict[str, int]:
@@ -368,53 +421,111 @@ class TrainStream:
         return total
 
 
-def _restore(state: dict, layout: _Layout, shardset: ShardSet) -> tuple[list[_Position], int]:
-    """Worker positions and next worker from a saved state; a different layout or
-    data set restarts all workers at the stream epoch after the furthest saved one."""
-    saved = {
-        k: state.get(k)
-        for k in (
-            "seed",
-            "world_size",
-            "num_workers",
-            "resampled",
-            "shuffle_buffer",
-            "source_weights",
-            "samples_per_epoch",
-        )
+def _layout_state(lay: _Layout) -> dict:
+    """What the sample order depends on, as plain data (the stream state's layout keys)."""
+    return {
+        "seed": lay.seed,
+        "world_size": lay.world_size,
+        "num_workers": lay.num_workers,
+        "resampled": lay.resampled,
+        "shuffle_buffer": lay.shuffle_buffer,
+        "source_weights": list(lay.source_weights) if lay.source_weights else None,
+        "samples_per_epoch": lay.samples_per_epoch,
     }
-    now = {
-        "seed": layout.seed,
-        "world_size": layout.world_size,
-        "num_workers": layout.num_workers,
-        "resampled": layout.resampled,
-        "shuffle_buffer": layout.shuffle_buffer,
-        "source_weights": list(layout.source_weights) if layout.source_weights else None,
-        "samples_per_epoch": layout.samples_per_epoch,
-    }
-    same_data = state.get("fingerprint") == shardset.fingerprint()
-    if state.get("version") == STATE_VERSION and saved == now and same_data:
-        if state["rank"] != layout.rank:
-            raise ValueError(f"data: rank {layout.rank} was given the stream state of rank {state['rank']}")
+
+
+def _restore(states: list[dict], layout: _Layout, shardset: ShardSet) -> tuple[list[_Position], int, _Seen]:
+    """Worker positions, next worker and seen marks from the saved states of every rank (or
+    of this rank alone): exact with the same layout and data; with another layout, the
+    rest of the open stream epochs (see the module docstring); else (other data, a
+    resampled stream, or not every rank's state) from the stream epoch after the furthest
+    saved one."""
+    now = _layout_state(layout)
+    first = states[0]
+    saved = {k: first.get(k) for k in now}
+    same_data = first.get("fingerprint") == shardset.fingerprint()
+    version_ok = all(s.get("version") == STATE_VERSION for s in states)
+    if version_ok and saved == now and same_data:
+        mine = [s for s in states if s.get("rank") == layout.rank]
+        if not mine:
+            raise ValueError(f"data: rank {layout.rank} was given the stream state of rank {first.get('rank')}")
+        state = mine[0]
         positions = [
             _Position(e, c, {**_no_skips(), **s}) for (e, c), s in zip(state["positions"], state["skips"], strict=True)
         ]
-        return positions, int(state["next_worker"]) % layout.num_workers
-    epoch = 1 + max((int(p[0]) for p in state.get("positions", [])), default=-1)
+        seen = _Seen.from_state(shardset.num_samples, state.get("seen"))
+        return positions, int(state["next_worker"]) % layout.num_workers, seen
     changed = {k: f"{saved[k]}->{now[k]}" for k in now if saved[k] != now[k]}
     if not same_data:
-        changed["data"] = f"{state.get('fingerprint')}->{shardset.fingerprint()}"
+        changed["data"] = f"{first.get('fingerprint')}->{shardset.fingerprint()}"
+    ranks = sorted(s.get("rank") for s in states)
+    whole = ranks == list(range(int(first.get("world_size") or 0)))
+    if (
+        version_ok
+        and same_data
+        and whole
+        and not saved["resampled"]
+        and not now["resampled"]
+        and saved["seed"] == now["seed"]
+    ):
+        positions, seen = _continue(states, shardset, layout)
+        log.info(
+            "data: stream layout changed (%s); continuing stream epoch %d without the %d samples already taken",
+            ", ".join(f"{k} {v}" for k, v in changed.items()),
+            positions[0].epoch,
+            sum(bin(b).count("1") for b in seen.epochs.get(positions[0].epoch, b"")),
+        )
+        return positions, 0, seen
+    epoch = 1 + max((int(p[0]) for s in states for p in s.get("positions", [])), default=-1)
     log.warning(
         "data: saved stream state does not match this run (%s); starting at stream epoch %d, "
         "so the rest of the interrupted epoch is not replayed",
         ", ".join(f"{k} {v}" for k, v in changed.items()),
         epoch,
     )
+    return _fresh_positions(states, layout, epoch), 0, _Seen(shardset.num_samples)
+
+
+def _fresh_positions(states: list[dict], layout: _Layout, epoch: int) -> list[_Position]:
+    """Every worker at the start of ``epoch``; the saved skip counts kept (on rank 0's
+    first worker when every rank's state was given, so the global totals stay right)."""
     positions = [_Position(epoch, 0) for _ in range(layout.num_workers)]
-    for s in state.get("skips", []):
-        for k, v in s.items():
-            positions[0].skips[k] = positions[0].skips.get(k, 0) + int(v)
-    return positions, 0
+    if len(states) > 1 and layout.rank != 0:
+        return positions
+    for state in states:
+        for s in state.get("skips", []):
+            for k, v in s.items():
+                positions[0].skips[k] = positions[0].skips.get(k, 0) + int(v)
+    return positions
+
+
+def _continue(states: list[dict], shardset: ShardSet, layout: _Layout) -> tuple[list[_Position], _Seen]:
+    """New-layout positions at the earliest open stream epoch, and the samples the saved
+    workers had taken in every open epoch marked seen (a worker past an epoch took all of
+    its share)."""
+    first = states[0]
+    seen = _Seen.from_state(shardset.num_samples, first.get("seen"))  # the same on every rank
+    old = [
+        (
+            _Layout(
+                first["seed"], s["rank"], first["world_size"], first["num_workers"], False, first["shuffle_buffer"]
+            ),
+            w,
+            e,
+            c,
+        )
+        for s in states
+        for w, (e, c) in enumerate(s["positions"])
+    ]
+    start = min(e for _, _, e, _ in old)
+    for epoch in range(start, max(e for _, _, e, _ in old) + 1):
+        taken = []
+        for lay, w, e, c in old:
+            if e >= epoch:
+                order = _epoch_order(lay, shardset, seen, epoch, w)
+                taken.extend(order if e > epoch else itertools.islice(order, c))
+        seen.add(epoch, taken)
+    return _fresh_positions(states, layout, start), seen
 
 
 def build_train_stream(
@@ -426,9 +537,14 @@ def build_train_stream(
     batch_size: int,
     preprocess: Preprocess,
     tokenizer: Tokenizer,
-    state: dict | None = None,
+    state: dict | list[dict] | None = None,
+    draft_size: int | None = None,
 ) -> TrainStream:
     """This rank's infinite training stream of `batch_size`-pair batches.
+
+    `state`: this rank's saved ``state_dict()``, or every saved rank's (a resume at
+    another world size continues the open epoch). `draft_size`: the model's input side;
+    JPEGs are decoded at the smallest DCT scale that keeps them at least that large.
 
     Raises ValueError (one line) if the spec is unusable or, without `resampled`, the
     rank gets no shard. Without `resampled`, a rank with fewer shards than
@@ -465,18 +581,19 @@ def build_train_stream(
         samples_per_epoch=cfg.samples_per_epoch,
     )
     if state:
-        positions, next_worker = _restore(state, layout, shardset)
+        positions, next_worker, seen = _restore(state if isinstance(state, list) else [state], layout, shardset)
     else:
-        positions, next_worker = [_Position() for _ in range(workers)], 0
+        positions, next_worker, seen = [_Position() for _ in range(workers)], 0, _Seen(shardset.num_samples)
     return TrainStream(
         shardset,
         layout,
         batch_size=batch_size,
-        decoder=_Decoder(preprocess, seed),
+        decoder=_Decoder(preprocess, seed, draft_size),
         tokenizer=tokenizer,
         loader_workers=0 if cfg.num_workers == 0 else workers,
         positions=positions,
         next_worker=next_worker,
+        seen=seen,
     )
 
 

@@ -17,10 +17,10 @@ def _finite_positive(x: float) -> bool:
 
 
 def test_quick_perf_benchmarks(tmp_path):
-    from benchmarks import memory, overhead, run_all, throughput
+    from benchmarks import loader, memory, overhead, run_all, throughput
 
     out, work = tmp_path / "docs", tmp_path / "work"
-    results = run_all.run(quick=True, only=("throughput", "overhead", "memory"), out=out, work=work)
+    results = run_all.run(quick=True, only=("throughput", "overhead", "memory", "loader"), out=out, work=work)
 
     tp = results["throughput"]
     assert {r.trainer for r in tp.runs} == {"ours", "open_clip"}
@@ -49,9 +49,21 @@ def test_quick_perf_benchmarks(tmp_path):
     assert mem.params > 0
     [rss] = mem.rss
     assert sorted(rss.rank_peak_mib) == [0, 1] and all(_finite_positive(v) for v in rss.rank_peak_mib.values())
+    switches = {x.setting: x for x in mem.switches}
+    assert list(switches) == list(memory.SWITCHES) and all(_finite_positive(x.step_s) for x in mem.switches)
+    # Gradient checkpointing keeps fewer activations, even for the tiny model.
+    ckpt = switches["model.grad_checkpointing=true"].step_peak_mib
+    assert ckpt is None or ckpt < switches["plain"].step_peak_mib
+
+    rows = {(x.side, x.pipeline, x.workers): x for x in results["loader"].rows}
+    assert {("dissect_ds", 1), ("dissect_ds", 2), ("open_clip_train", 1), ("raw PIL decode", 0)} <= {
+        k[1:] for k in rows
+    }
+    assert all(_finite_positive(v) for x in rows.values() for v in x.pairs_per_cpu_s)
+    assert loader.GPU_PAIRS_PER_S
 
     perf = (out / "bench" / "perf.md").read_text()
-    for section in ("throughput", "overhead", "memory"):
+    for section in ("throughput", "overhead", "memory", "loader"):
         assert f"<!-- bench:{section} -->" in perf and f"<!-- bench:/{section} -->" in perf
     assert "python -m benchmarks.throughput" in perf and "Machine:" in perf  # how to reproduce, where
     page = (out / "benchmarks.md").read_text()

@@ -277,3 +277,30 @@ def test_accumulated_steps_keep_the_top_k_of_the_whole_global_batch(synthetic, t
         assert sum(r["selected"] for r in mine) == 8
         assert {r["uid"] for r in by_score[:8]} == {r["uid"] for r in mine if r["selected"]}
     assert [m["selected"] for m in metrics(run) if "loss" in m] == [8, 8, 8]
+
+
+def test_resume_at_another_world_size_continues_the_epoch(synthetic, tmp_path):
+    """4 steps on 2 ranks, then resumed on 1 rank to the end of the epoch (512 pairs, batch
+    16: 32 steps): the per-pair records name every pair of the epoch once."""
+    import json
+
+    common = [
+        *tiny_overrides(synthetic, tmp_path, "el"),
+        "deepspeed.zero_stage=0",
+        "data.val=null",
+        "selection.strategy=random",
+        "selection.rate=0.5",
+        "selection.warmup_steps=0",
+        "selection.record=true",
+    ]
+    torchrun(2, [*common, "train.steps=4"])
+    tag = tmp_path / "el" / "checkpoints" / "step00000004"
+    torchrun(1, [*common, "train.steps=32", f"resume={tag}"])
+    rows = [
+        json.loads(ln)
+        for f in sorted((tmp_path / "el" / "selection").glob("rank*.jsonl"))
+        for ln in f.read_text().splitlines()
+    ]
+    assert sorted({r["step"] for r in rows}) == list(range(32))
+    uids = [r["uid"] for r in rows]
+    assert len(uids) == 512 and sorted(uids) == list(range(512))

@@ -231,6 +231,57 @@ def test_layout_change_restarts_at_the_next_stream_epoch(synth: Path, caplog: py
     assert one.state_dict()["positions"][0][0] == 2
 
 
+@pytest.mark.parametrize(("old_world", "old_workers", "new_world", "new_workers"), [(2, 2, 1, 1), (2, 1, 3, 2)])
+def test_another_layout_continues_the_open_epoch(
+    synth: Path, old_world: int, old_workers: int, new_world: int, new_workers: int
+) -> None:
+    """Resumed at another world size / worker count, the ranks deliver the rest of the
+    interrupted stream epoch: with what the old ranks took, every pair once, except for at
+    most one batch per new rank that runs into the next epoch."""
+    bs = 8
+    old = [
+        _stream(_cfg(synth, num_workers=old_workers, shuffle_buffer=20), rank=r, world=old_world, bs=bs)
+        for r in range(old_world)
+    ]
+    taken = [u for s in old for u in _cat(list(islice(s, 5)))]
+    assert len(set(taken)) == len(taken) == old_world * 5 * bs
+    states = json.loads(json.dumps([s.state_dict() for s in old]))
+    cfg = _cfg(synth, num_workers=new_workers, shuffle_buffer=20)
+    fresh, crossing = [], 0
+    for r in range(new_world):
+        stream = _stream(cfg, rank=r, world=new_world, bs=bs, state=states)
+        done: set[int] = set()  # workers whose batches have reached stream epoch 1
+        for batch in stream:
+            state = stream.state_dict()
+            worker = (state["next_worker"] - 1) % state["num_workers"]  # the one that made this batch
+            if worker in done:
+                continue
+            if state["positions"][worker][0] > 0:
+                crossing += 1  # this batch runs into stream epoch 1
+                done.add(worker)
+                if len(done) == state["num_workers"]:
+                    break
+                continue
+            fresh.extend(batch.uids.tolist())
+    assert len(set(fresh)) == len(fresh) and not set(fresh) & set(taken)
+    missing = set(range(N_TRAIN)) - set(fresh) - set(taken)
+    assert len(missing) <= bs * crossing and crossing <= new_world * new_workers
+
+
+def test_a_continued_stream_resumes_exactly(synth: Path) -> None:
+    old = [_stream(_cfg(synth, num_workers=1, shuffle_buffer=20), rank=r, world=2, bs=8) for r in range(2)]
+    for s in old:
+        list(islice(s, 4))
+    states = json.loads(json.dumps([s.state_dict() for s in old]))
+    cfg = _cfg(synth, num_workers=1, shuffle_buffer=20)
+    whole = _cat(list(islice(_stream(cfg, rank=1, world=3, bs=8, state=states), 12)))
+    first = _stream(cfg, rank=1, world=3, bs=8, state=states)
+    head = _cat(list(islice(first, 5)))
+    again = json.loads(json.dumps([first.state_dict()]))
+    assert again[0]["seen"]  # the seen marks travel until the epoch is done
+    assert head + _cat(list(islice(_stream(cfg, rank=1, world=3, bs=8, state=again), 7))) == whole
+
+
 def test_more_ranks_than_shards_is_a_clear_error(synth: Path) -> None:
     cfg = DataConfig(train=str(synth / "val"), num_workers=2)  # 2 shards
     with pytest.raises(ValueError, match="rank 2 of 3 gets no shard"):
@@ -267,17 +318,17 @@ def test_source_weights_set_how_often_each_source_is_drawn(synth: Path) -> None:
     spec = f"{synth / 'train'}::{synth / 'val'}"
     cfg = DataConfig(train=spec, resampled=True, num_workers=0, shuffle_buffer=1, source_weights="1::12")
     assert cfg.validate() is None
-    uids = _cat(list(islice(_stream(cfg, bs=30), 400)))
+    uids = _cat(list(islice(_stream(cfg, bs=30, preprocess=PLAIN), 400)))
     from_val = sum(u >= N_TRAIN for u in uids) / len(uids)
     assert abs(from_val - 0.75) < 0.05, from_val
-    plain = _cat(list(islice(_stream(dataclasses.replace(cfg, source_weights=None), bs=30), 400)))
+    plain = _cat(list(islice(_stream(dataclasses.replace(cfg, source_weights=None), bs=30, preprocess=PLAIN), 400)))
     assert abs(sum(u >= N_TRAIN for u in plain) / len(plain) - 0.2) < 0.05  # 2 of 10 shards
     # Still a pure function of the seed, and exactly resumable.
-    first = _stream(cfg, bs=30)
+    first = _stream(cfg, bs=30, preprocess=PLAIN)
     it = iter(first)
     head = [next(it) for _ in range(7)]
     state = json.loads(json.dumps(first.state_dict()))
-    assert _cat(head + list(islice(_stream(cfg, bs=30, state=state), 5))) == uids[: 12 * 30]
+    assert _cat(head + list(islice(_stream(cfg, bs=30, state=state, preprocess=PLAIN), 5))) == uids[: 12 * 30]
 
 
 def test_samples_per_epoch_sets_the_resampled_epoch_length(synth: Path) -> None:
@@ -304,6 +355,20 @@ def test_samples_per_epoch_sets_the_resampled_epoch_length(synth: Path) -> None:
 def test_resampling_options_are_checked_in_one_line(synth: Path, kw: dict, message: str) -> None:
     err = _cfg(synth, **kw).validate()
     assert err is not None and message in err and "\n" not in err
+
+
+def test_jpeg_draft_decodes_at_a_reduced_scale_that_still_covers_the_input(tmp_path: Path) -> None:
+    from dissect_ds.data.pipeline import _Decoder
+    from dissect_ds.data.shards import Shard
+
+    buf = io.BytesIO()
+    Image.new("RGB", (400, 300), (200, 30, 30)).save(buf, format="JPEG")
+    sizes = []
+    decoder = _Decoder(lambda img: sizes.append(img.size) or torch.zeros(1), seed=None, draft=100)
+    shard = Shard(url="x", size=2, sample_offset=0, json_uids=False, uid_base=0, uid_offset=0, uid_limit=2)
+    assert not isinstance(decoder({"jpg": buf.getvalue(), "txt": b"a"}, shard, 0, 0), str)
+    assert not isinstance(decoder({"png": _png(200, size=400), "txt": b"a"}, shard, 1, 0), str)
+    assert sizes == [(200, 150), (400, 400)]  # JPEG: 1/2 scale keeps the short side >= 100; PNG: full size
 
 
 def test_read_classnames_defaults_to_the_val_folder_or_its_parent(synth: Path, tmp_path: Path) -> None:

@@ -50,6 +50,7 @@ def _ranked(rank, world, sizes):
     return float(loss), grad / world
 
 
+@pytest.mark.slow  # spawns 2-3 gloo ranks per case
 @pytest.mark.parametrize("sizes", [[4, 4], [3, 5], [6, 0], [2, 3, 0], [0, 4, 4], [1, 1, 1]])
 def test_gathered_loss_and_grads_match_single_process(sizes):
     ref_loss, ref_grad = _reference(sizes)

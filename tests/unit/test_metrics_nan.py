@@ -40,4 +40,4 @@ class _NanEngine:
 def test_nan_zeroshot_is_zero():
     image = torch.full((6, 4), float("nan"))
     labels = torch.zeros(6, dtype=torch.long)  # argmax of an all-NaN row is 0: a naive check would say 1.0
-    assert zeroshot_top1(_NanEngine(), image, labels, ["a", "b"]) == 0.0
+    assert zeroshot_top1(_NanEngine(), image, labels, ["a", "b"], ["a photo of a {c}."]) == 0.0
