@@ -8,7 +8,9 @@ scoring forward's share of a training step, about 1/3): 1.6x at r = 0.3, 1.2x at
 Shards: synthetic scenes rendered at each of ``SIDES`` px and stored as JPEG (quality
 90), written once under the work directory. Every pipeline turns them into ViT-B/32 training inputs
 (open_clip's train transform: random resized crop to 224 px, normalisation) and tokenized
-captions, in batches of ``BATCH``, with 1 and 2 DataLoader workers; the pairs it delivers
+captions, in batches of ``BATCH``, with 1 and 2 DataLoader workers (ours ships uint8
+images and leaves open_clip's final scaling and normalisation to the accelerator, as the
+trainer does; open_clip_train ships float32 from the workers); the pairs it delivers
 are divided by the CPU seconds the whole process tree spent meanwhile (the main process
 and its workers), after a warm-up. The raw decode (PIL's decode and RGB conversion of the
 same JPEG bytes, nothing else, in this process) is the reference, with and without
@@ -101,7 +103,9 @@ def _pairs(batch) -> int:
 
 
 def ours(data: Path, workers: int, preprocess, tokenizer, draft: bool):
+    """The trainer's stream: uint8 images (normalised later, on the accelerator)."""
     from dissect_ds.data import DataConfig, build_train_stream
+    from dissect_ds.model import split_normalize
 
     cfg = DataConfig(train=str(data), num_workers=workers, shuffle_buffer=256)
     return build_train_stream(
@@ -110,7 +114,7 @@ def ours(data: Path, workers: int, preprocess, tokenizer, draft: bool):
         rank=0,
         world_size=1,
         batch_size=BATCH,
-        preprocess=preprocess,
+        preprocess=split_normalize(preprocess)[0],
         tokenizer=tokenizer,
         draft_size=224 if draft else None,
     )

@@ -14,7 +14,7 @@ from deepspeed.accelerator import get_accelerator
 from dissect_ds import distributed as D
 from dissect_ds.config import Config, build_ds_config
 from dissect_ds.loss import contrastive_loss
-from dissect_ds.model import Features, build_model
+from dissect_ds.model import Features, ImageNormalize, build_model, split_normalize
 
 NO_DECAY_KEYS = ("bn", "ln", "bias", "logit_scale")
 
@@ -84,9 +84,12 @@ def _input_dtype(ds_engine) -> torch.dtype:
     return torch.float32
 
 
-def _encode(ds_engine, batch, max_logit_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    b = batch.to(device(), _input_dtype(ds_engine))
-    out = ds_engine(b.images, b.tokens)
+def _encode(
+    ds_engine, batch, max_logit_scale: float, normalize: ImageNormalize | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b = batch.to(device())
+    images = normalize(b.images) if normalize else b.images
+    out = ds_engine(images.to(_input_dtype(ds_engine)), b.tokens)
     return (
         out["image_features"].float(),
         out["text_features"].float(),
@@ -138,7 +141,7 @@ class HostSnapshot:
 
     @torch.no_grad()
     def encode(self, batch) -> Features:
-        image, text, scale = _encode(self.ds, batch, self.live.cfg.train.max_logit_scale)
+        image, text, scale = _encode(self.ds, batch, self.live.cfg.train.max_logit_scale, self.live.normalize)
         return Features(image=image, text=text, logit_scale=float(scale))
 
     @torch.no_grad()
@@ -172,6 +175,8 @@ class Engine:
             patch_dropout=cfg.model.patch_dropout,
             augment=cfg.data.augment,
         )
+        # The train stream ships uint8 images; they are scaled and normalised on the device.
+        self.preprocess_train, self.normalize = split_normalize(self.preprocess_train)
         size = model.visual.image_size
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)  # input side, pixels
         self.ds_config = build_ds_config(cfg, info.world_size)
@@ -191,7 +196,7 @@ class Engine:
         ZeRO-3: every rank must call it."""
         self.ds.eval()
         try:
-            image, text, scale = _encode(self.ds, batch, self.cfg.train.max_logit_scale)
+            image, text, scale = _encode(self.ds, batch, self.cfg.train.max_logit_scale, self.normalize)
         finally:
             self.ds.train()
         return Features(image=image, text=text, logit_scale=float(scale))
@@ -218,7 +223,7 @@ class Engine:
         n = len(batch)
         assert sizes[self.info.rank] == n, f"train_step: {n} rows but sizes[{self.info.rank}] = {sizes[self.info.rank]}"
         image, text, scale = _encode(
-            self.ds, batch if n else fallback.select(torch.arange(1)), self.cfg.train.max_logit_scale
+            self.ds, batch if n else fallback.select(torch.arange(1)), self.cfg.train.max_logit_scale, self.normalize
         )
         loss_bw, loss = contrastive_loss(image[:n], text[:n], scale, sizes, self.info.rank)
         # ``loss`` is global (identical on every rank), so every rank stops here together, before

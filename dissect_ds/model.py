@@ -13,6 +13,7 @@ from pathlib import Path
 
 import open_clip
 import torch
+import torchvision.transforms as T
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(CONFIG_DIR)
@@ -34,6 +35,35 @@ class Features:
     def cat(parts: list[Features]) -> Features:
         """The rows of ``parts`` in order (one model's features: one logit scale)."""
         return Features(torch.cat([p.image for p in parts]), torch.cat([p.text for p in parts]), parts[0].logit_scale)
+
+
+@dataclass(frozen=True)
+class ImageNormalize:
+    """The end of open_clip's image transform, run where the batch lands (the accelerator):
+    uint8 ``[N, C, H, W]`` images in 0-255 become the float input the model expects, as
+    ``ToTensor`` + ``Normalize`` would have made them on the CPU; float images pass
+    unchanged. Data workers then decode, crop and ship 1 byte per value instead of 4."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            return images
+        shape = (1, -1, 1, 1)
+        mean = torch.tensor(self.mean, device=images.device).view(shape)
+        std = torch.tensor(self.std, device=images.device).view(shape)
+        return (images.float().div_(255) - mean).div_(std)
+
+
+def split_normalize(transform: Callable) -> tuple[Callable, ImageNormalize | None]:
+    """``transform`` (open_clip's: ... ``ToTensor``, ``Normalize``) made to end in a uint8
+    tensor, and the normalisation it leaves out; ``(transform, None)`` for any other shape."""
+    steps = getattr(transform, "transforms", [])
+    if len(steps) < 2 or not isinstance(steps[-2], T.ToTensor) or not isinstance(steps[-1], T.Normalize):
+        return transform, None
+    norm = steps[-1]
+    return T.Compose([*steps[:-2], T.PILToTensor()]), ImageNormalize(tuple(norm.mean), tuple(norm.std))
 
 
 def model_exists(name: str) -> bool:

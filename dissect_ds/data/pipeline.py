@@ -165,7 +165,7 @@ def _collate(samples: list[_Sample], tokenizer: Tokenizer) -> Batch:
         return None if any(v is None for v in values) else torch.tensor(values, dtype=dtype)
 
     return Batch(
-        images=torch.stack([s.image for s in samples]).float(),
+        images=torch.stack([s.image for s in samples]),  # uint8 from the train transform, float from others
         tokens=torch.as_tensor(tokenizer([s.caption for s in samples])).long(),
         uids=torch.tensor([s.uid for s in samples], dtype=torch.int64),
         noisy=optional([s.noisy for s in samples], torch.bool),

@@ -69,3 +69,22 @@ def test_augment_false_trains_on_the_val_transform():
     assert not torch.equal(train(image), val(image))  # a random resized crop
     torch.testing.assert_close(plain_train(image), val(image), rtol=0, atol=0)
     torch.testing.assert_close(plain_val(image), val(image), rtol=0, atol=0)
+
+
+def test_uint8_transform_then_device_normalize_equals_open_clips_transform():
+    from PIL import Image
+
+    from dissect_ds.model import split_normalize
+
+    image = Image.fromarray((torch.rand(40, 30, 3) * 255).to(torch.uint8).numpy())
+    _, train, val, _ = build_model(NAME)
+    for transform in (train, val):
+        uint8, normalize = split_normalize(transform)
+        torch.manual_seed(1)
+        small = uint8(image)
+        torch.manual_seed(1)  # the same random crop
+        ref = transform(image)
+        assert small.dtype == torch.uint8 and small.shape == ref.shape
+        torch.testing.assert_close(normalize(small[None])[0], ref, rtol=0, atol=1e-5)
+        assert torch.equal(normalize(ref[None])[0], ref)  # float images pass unchanged
+    assert split_normalize(len) == (len, None)  # not open_clip's shape: left alone
