@@ -38,10 +38,15 @@ COMMAND = ".venv/bin/python -m benchmarks.loader"
 MODEL = "ViT-B-32"
 SIDES = (256, 512)  # stored JPEG sides, px (img2dataset's usual range)
 BATCH = 64
-# Assumed full-data training throughput of one modern GPU (mixed precision, 224 px): an
-# order of magnitude, not measured here and not a citation; scripts/gpu_smoke.sh measures
-# the real figure where a GPU is available. The loader needs scale linearly with it.
-GPU_PAIRS_PER_S = {"ViT-B/32": 1800, "RN50": 1200}
+# Published full-data training throughput per GPU (open_clip, mixed precision, 224 px,
+# data loading included): the LAION scaling-laws runs (Cherti et al., "Reproducible scaling
+# laws for contrastive language-image learning", CVPR 2023) on A100-40GB nodes, from the
+# training records their first author published (GPU_SOURCE): samples/s / GPUs.
+GPU_SOURCE = "https://huggingface.co/mehdidc/test/blob/main/trained_models_info.csv"
+GPU_PAIRS_PER_S = {
+    "ViT-B/32": 108_845 / 128,  # Model-B-32_Data-80M_Samples-13B: 128 GPUs, local batch 256
+    "ViT-B/16": 136_371 / 344,  # Model-B-16_Data-400M_Samples-3B: 344 GPUs, local batch 256
+}
 SCORE_SHARE = 1 / 3  # the scoring forward's share of a training step
 
 
@@ -237,7 +242,7 @@ def render(r: Result) -> str:
             "",
             f"{r.samples:,} synthetic pairs stored as JPEGs (quality 90) at "
             + " and ".join(f"{side} px ({kib:.0f} KiB per pair)" for side, kib in r.jpeg_kib.items())
-            + ", read from webdataset shards and turned into {MODEL} training inputs "
+            + f", read from webdataset shards and turned into {MODEL} training inputs "
             f"(open_clip's train transform, 224 px) and tokens in batches of {BATCH}; one torch thread. "
             "Pairs per CPU-second = pairs delivered / CPU seconds of the whole process tree (main process and "
             "DataLoader workers) over the measured batches, after 2 warm-up batches: the pairs one core "
@@ -258,9 +263,12 @@ def render(r: Result) -> str:
             "",
             "What one GPU needs: at rate r the model trains r of the B pairs it scores, so the loader must deliver "
             f"1 / (f + r) times the full-data rate (f = {SCORE_SHARE:.2f}, the scoring forward's share of a step). "
-            "Full-data rates are *assumed* single-GPU training throughputs (about 1,800 pairs/s for ViT-B/32 "
-            "and 1,200 for RN50 at 224 px, mixed precision; not measured here, not a citation: "
-            "`scripts/gpu_smoke.sh` measures yours), so the last column scales with your GPU.",
+            "Full-data rates per GPU are published ones: open_clip's training throughput in the LAION "
+            "scaling-laws runs (Cherti et al., CVPR 2023; A100-40GB, mixed precision, 224 px, local batch 256; "
+            f"samples/s over GPUs from the training records at {GPU_SOURCE}): "
+            + ", ".join(f"{m} {v:,.0f} pairs/s" for m, v in GPU_PAIRS_PER_S.items())
+            + ". We found no published per-GPU figure for RN50. Newer GPUs train faster, and the need "
+            "scales with it (`scripts/gpu_smoke.sh` measures yours).",
             "",
             c.md_table(["model", "selection", "x full data", "pairs / s needed"], need),
             "",

@@ -57,14 +57,20 @@ def rebase_links(text: str, src_dir: Path, dst_dir: Path) -> str:
     return _LINK.sub(fix, text)
 
 
-def header(took: str = "") -> str:
+def header(took: str = "", only: tuple[str, ...] = PARTS) -> str:
+    when = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
+    how = (
+        f"Generated on {when} by `make bench`"
+        if set(only) >= set(PARTS)
+        else f"Updated on {when} by `python -m benchmarks.run_all --only {','.join(only)}` (the other sections "
+        "are from earlier runs and carry their own dates); the whole page comes from `make bench`"
+    )
     return "\n".join(
         [
             "# Benchmarks",
             "",
-            f"Generated on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by `make bench` "
-            "(`.venv/bin/python -m benchmarks.run_all`; `--only PART` reruns one part). Each section names the "
-            "command that reproduces it and how long it took."
+            how + " (`.venv/bin/python -m benchmarks.run_all`; `--only PART` reruns one part). Each section names "
+            "the command that reproduces it and how long it took."
             + (f" This run of the parts it lists: {took}." if took else ""),
             "",
             c.machine_line(),
@@ -83,9 +89,9 @@ def demote_headings(text: str) -> str:
     return "\n".join(lines)
 
 
-def assemble(out: Path, took: str = "") -> Path:
+def assemble(out: Path, took: str = "", only: tuple[str, ...] = PARTS) -> Path:
     """Write ``out/benchmarks.md`` from the header and whichever parts exist."""
-    parts = [header(took)]
+    parts = [header(took, only)]
     for path in (out / "bench" / "perf.md", out / "bench" / "accuracy.md"):
         if path.exists():
             text = rebase_links(path.read_text().strip(), path.parent, out)
@@ -114,7 +120,7 @@ def run(quick: bool, only: tuple[str, ...], out: Path, work: Path) -> dict[str, 
         durations[name] = time.perf_counter() - t0
     took = ", ".join(f"{name} {sec / 60:.1f} min" for name, sec in durations.items())
     took = f"{sum(durations.values()) / 60:.1f} min ({took})"
-    print(f"run_all: wrote {assemble(out, took)} ({took})", flush=True)
+    print(f"run_all: wrote {assemble(out, took, only)} ({took})", flush=True)
     return results
 
 
