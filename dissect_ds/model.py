@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import open_clip
@@ -37,7 +37,7 @@ class Features:
         return Features(torch.cat([p.image for p in parts]), torch.cat([p.text for p in parts]), parts[0].logit_scale)
 
 
-@dataclass(frozen=True)
+@dataclass
 class ImageNormalize:
     """The end of open_clip's image transform, run where the batch lands (the accelerator):
     uint8 ``[N, C, H, W]`` images in 0-255 become the float input the model expects, as
@@ -46,13 +46,18 @@ class ImageNormalize:
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    _on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8:
             return images
-        shape = (1, -1, 1, 1)
-        mean = torch.tensor(self.mean, device=images.device).view(shape)
-        std = torch.tensor(self.std, device=images.device).view(shape)
+        if images.device not in self._on:  # once per device: no host-to-device copy per batch
+            shape = (1, -1, 1, 1)
+            self._on[images.device] = (
+                torch.tensor(self.mean).view(shape).to(images.device),
+                torch.tensor(self.std).view(shape).to(images.device),
+            )
+        mean, std = self._on[images.device]
         return (images.float().div_(255) - mean).div_(std)
 
 
