@@ -132,6 +132,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--reuse", action="store_true", help="keep finished runs of the same job in the work dir")
     p.add_argument("--scale", help=argparse.SUPPRESS)  # JSON overrides of the Scale (scripts/gpu_bench.sh)
     p.add_argument("--parallel", type=int, default=run.PARALLEL, help="runs side by side (default: %(default)s)")
+    p.add_argument(
+        "--gate-only",
+        action="store_true",
+        help="run only the gate (full data at 0%% noise, every seed), print it and write no page",
+    )
     p.add_argument("--no-world2-check", action="store_true", help="skip the 2-rank repeat of one run (one GPU)")
     args = p.parse_args(argv)
     scale = plan.QUICK if args.quick else plan.CPU
@@ -146,6 +151,14 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if args.no_world2_check:
         matrix = dataclasses.replace(matrix, world2_check=False)
+    if args.gate_only:
+        work = args.work or c.WORK / "accuracy_gate"
+        jobs, took, _ = execute(scale, plan.GATE_ONLY, work, args.reuse, args.parallel)
+        gate = analyse.gate([analyse.read_run(j) for j in jobs], scale)
+        print(
+            f"accuracy gate: {gate.line()}; {'passed' if gate.passed else 'FAILED'} ({took / 60:.1f} min)", flush=True
+        )
+        return {"gate": {"values": gate.values, "passed": gate.passed}, "took_s": took}
     md_dir, img_dir = (args.out, args.out / "img") if args.out else (c.DOCS / "bench", c.DOCS / "img")
     work = args.work or (args.out / "work" if args.out else c.WORK / "accuracy")
     for d in (md_dir, img_dir, work):

@@ -246,6 +246,10 @@ class Gate:
         v = list(self.values.values())
         return bool(v) and min(v) >= self.threshold and max(v) - min(v) <= self.spread
 
+    def line(self) -> str:
+        """``seed 0: 0.580, seed 1: 0.554, ...``"""
+        return ", ".join(f"seed {s}: {v:.3f}" for s, v in sorted(self.values.items()))
+
 
 def gate(runs: list[Run], scale: Scale) -> Gate:
     """Full data at 0% noise in the memorisation regime: every seed's final top-1."""

@@ -120,6 +120,8 @@ class Matrix:
 # The one-pass regime does not fit make bench's hour on 2 cores: --all runs it.
 DEFAULT = Matrix(noises=(0.0, 0.4), arms=DEFAULT_ARMS, seeds=SEEDS)
 ALL = Matrix(noises=NOISES, arms=ARMS, seeds=SEEDS, rate2_noises=(0.4,), onepass_noises=(0.4,))
+GATE_ONLY = Matrix(noises=(0.0,), arms=("none",), seeds=SEEDS, world2_check=False)
+"""Only the gate's runs: full data at 0% noise, every seed (checking a scale before the comparison)."""
 QUICK_MATRIX = Matrix(
     noises=(0.0, 0.4),
     arms=("none", "random", "dissect_warmup"),

@@ -102,7 +102,7 @@ def page(
 ) -> str:
     spe = scale.steps_per_epoch
     se = math.sqrt(0.25 / val["n"])
-    gate_line = ", ".join(f"seed {s}: {v:.3f}" for s, v in sorted(gate.values.items()))
+    gate_line = gate.line()
     spread = (max(gate.values.values()) - min(gate.values.values())) if gate.values else math.nan
     lines = [
         "# Accuracy: selection strategies on noisy synthetic pairs",

@@ -61,6 +61,13 @@ def test_quick_accuracy_benchmark_writes_page_verdicts_and_plots(tmp_path):
     # --reuse keeps every finished run of the same job.
     jobs = plan.jobs(plan.QUICK, plan.QUICK_MATRIX, tmp_path / "work")
     assert jobs and all(run.finished(j) for j in jobs)
+    # --gate-only runs the gate's runs alone (here reusing seeds 0-1) and writes no page.
+    gate = accuracy.main(
+        ["--quick", "--gate-only", "--reuse", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "g")]
+    )
+    assert sorted(gate["gate"]["values"]) == list(plan.SEEDS)
+    assert {s: gate["gate"]["values"][s] for s in first["gate"]["values"]} == first["gate"]["values"]
+    assert not (tmp_path / "g" / "accuracy.md").exists()
 
 
 def test_gpu_bench_script_runs_with_its_tiny_setting(tmp_path):

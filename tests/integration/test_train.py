@@ -48,7 +48,9 @@ def test_zero_stages_give_the_same_losses(zero_runs):
         for step in ref:
             assert other[step] == pytest.approx(ref[step], rel=2e-4, abs=2e-5), (stage, step)
     scale = {m["step"]: m["logit_scale"] for m in metrics(zero_runs / "z0") if "logit_scale" in m}
-    assert scale[20] != pytest.approx(scale[1], abs=1e-4)  # the optimizer steps (20 steps of 8 pairs barely move the loss)
+    assert scale[20] != pytest.approx(
+        scale[1], abs=1e-4
+    )  # the optimizer steps (20 steps of 8 pairs barely move the loss)
 
 
 def test_run_directory_contract(zero_runs):
