@@ -101,26 +101,34 @@ def _pairs(live: torch.nn.Module, frozen: torch.nn.Module):
     return zip(live.parameters(), frozen.parameters(), strict=True)
 
 
+def host_resident(model: torch.nn.Module, precision_from: dict):
+    """A frozen inference engine held in host memory, as DeepSpeed-Chat holds reference
+    models: ZeRO-3 parameter offload to CPU and no optimizer, so each rank keeps 1/W of the
+    weights in host RAM and only the layer being run is ever gathered onto the accelerator.
+    The same code path runs on CPU. Precision (bf16/fp16) as in ``precision_from``, the
+    training DeepSpeed config. Collective."""
+    model.requires_grad_(False)
+    ds = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu", "pin_memory": False}},
+        "steps_per_print": 10**9,
+    }
+    for key in ("bf16", "fp16"):
+        if precision_from.get(key, {}).get("enabled"):
+            ds[key] = {"enabled": True}
+    engine, *_ = deepspeed.initialize(model=model, config=ds)
+    engine.eval()
+    return engine
+
+
 class HostSnapshot:
-    """A frozen copy of the network held in host memory, as DeepSpeed-Chat holds reference
-    models: a second engine with ZeRO-3 parameter offload to CPU and no optimizer, so each
-    rank keeps 1/W of the weights in host RAM and only the layer being run is ever
-    gathered onto the accelerator. The same code path runs on CPU."""
+    """A frozen copy of the network, :func:`host_resident`, that follows the live weights
+    when refreshed or EMA-updated."""
 
     def __init__(self, engine: Engine):
         self.live = engine
         model, *_ = build_model(engine.cfg.model.name)
-        model.requires_grad_(False)
-        ds = {
-            "train_micro_batch_size_per_gpu": 1,
-            "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu", "pin_memory": False}},
-            "steps_per_print": 10**9,
-        }
-        for key in ("bf16", "fp16"):
-            if engine.ds_config.get(key, {}).get("enabled"):
-                ds[key] = {"enabled": True}
-        self.ds, *_ = deepspeed.initialize(model=model, config=ds)
-        self.ds.eval()
+        self.ds = host_resident(model, engine.ds_config)
 
     def _update(self, fn) -> None:
         """Apply ``fn(frozen_param, live_param)`` parameter by parameter (bounded memory)."""
@@ -163,6 +171,49 @@ class HostSnapshot:
                     p.data.copy_(sd[name].to(p.dtype))
 
 
+class HostReference:
+    """The pretrained reference model of the reference-based strategies: loaded once from
+    local files (``selection.reference``), :func:`host_resident`, never trained or refreshed.
+
+    It may be another architecture than the learner. When its image transform or tokenizer
+    differ from the learner's, ``inputs`` is its (uint8 transform, tokenizer): the data
+    workers then add its view of each pair (``Batch.ref_images`` / ``ref_tokens``, made
+    from the same decoded image and caption); otherwise it scores the learner's batch.
+    """
+
+    def __init__(self, engine: Engine):
+        ref = engine.cfg.selection.reference
+        model, _, preprocess, tokenizer = build_model(ref.model, ref.pretrained, augment=False)
+        transform, self.normalize = split_normalize(preprocess)
+        same = repr(preprocess) == repr(engine.preprocess_val) and same_tokenizer(tokenizer, engine.tokenizer)
+        self.inputs = None if same else (transform, tokenizer)
+        self.image_size = input_side(model)
+        self.max_logit_scale = engine.cfg.train.max_logit_scale
+        self.ds = host_resident(model, engine.ds_config)
+
+    @torch.no_grad()
+    def encode(self, batch) -> Features:
+        if self.inputs is not None:
+            batch = batch.reference_view()
+        image, text, scale = _encode(self.ds, batch, self.max_logit_scale, self.normalize)
+        return Features(image=image, text=text, logit_scale=float(scale))
+
+
+def input_side(model: torch.nn.Module) -> int:
+    """A CLIP model's image input side in pixels."""
+    size = model.visual.image_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def same_tokenizer(a, b) -> bool:
+    """Whether two open_clip tokenizers turn captions into the same tokens (same kind,
+    context length and vocabulary, checked on a probe)."""
+    probe = ["a small red circle in the top left", "Ünïcode, digits 0123 & punctuation!?"]
+    if type(a) is not type(b) or getattr(a, "context_length", None) != getattr(b, "context_length", None):
+        return False
+    return torch.equal(torch.as_tensor(a(probe)), torch.as_tensor(b(probe)))
+
+
 class Engine:
     """A DeepSpeed-wrapped open_clip model: scoring forward, train step, checkpoints."""
 
@@ -177,8 +228,7 @@ class Engine:
         )
         # The train stream ships uint8 images; they are scaled and normalised on the device.
         self.preprocess_train, self.normalize = split_normalize(self.preprocess_train)
-        size = model.visual.image_size
-        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)  # input side, pixels
+        self.image_size = input_side(model)
         self.ds_config = build_ds_config(cfg, info.world_size)
         schedule = lr_lambda(cfg.train.warmup_steps, cfg.train.steps, cfg.train.min_lr_ratio)
         self.ds, *_ = deepspeed.initialize(
@@ -265,6 +315,10 @@ class Engine:
 
     def historical_model(self) -> HostSnapshot:
         return HostSnapshot(self)
+
+    def reference_model(self) -> HostReference:
+        """The pretrained reference model (collective): ``selection.reference``."""
+        return HostReference(self)
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -122,6 +122,7 @@ class Trainer:
         from dissect_ds.engine import Engine, device
         from dissect_ds.metrics import MetricsWriter, StepTimer
         from dissect_ds.selection import Selector
+        from dissect_ds.selection.strategies import strategy_class
 
         self.cfg, self.info = cfg, info
         self.run_dir = cfg.run_dir
@@ -131,6 +132,10 @@ class Trainer:
         t = cfg.train
         self.micro_batch = t.batch_size // (info.world_size * t.grad_accum)
         self.steps_per_epoch = max(1, cfg.data.epoch_samples(num_samples) // t.batch_size)
+        # Loaded at start-up (collective): a bad file fails now, not after the warm-up, and
+        # the data workers must know whether it needs inputs of its own.
+        needs_reference = strategy_class(cfg.selection.strategy).needs_reference(cfg.selection)
+        self.reference = self.engine.reference_model() if needs_reference else None
         self.selector = Selector(
             cfg.selection,
             num_uids=num_uids,
@@ -141,6 +146,7 @@ class Trainer:
             steps_per_epoch=self.steps_per_epoch,
             run_dir=str(self.run_dir),
             make_historical=self.engine.historical_model,
+            make_reference=lambda: self.reference,
         )
         self.state = TrainState()
         self.checkpoints = ckpt.Checkpoints(cfg, info.rank, info.world_size)
@@ -163,7 +169,8 @@ class Trainer:
             preprocess=self.engine.preprocess_train,
             tokenizer=self.engine.tokenizer,
             state=restored.get("data"),
-            draft_size=self.engine.image_size,
+            draft_size=max(self.engine.image_size, self.reference.image_size if self.reference else 0),
+            reference=self.reference.inputs if self.reference else None,
         )
         if info.is_main:
             # config.yaml is the config of the latest start; every start's is kept beside it.

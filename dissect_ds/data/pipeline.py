@@ -81,6 +81,7 @@ class _Sample:
     uid: int
     noisy: bool | None
     label: int | None
+    ref_image: torch.Tensor | None = None
 
 
 @dataclass
@@ -90,11 +91,13 @@ class _Decoder:
     augmentation is reproducible; the caller's RNG state is restored afterwards. With
     `draft`, a JPEG is decoded at the smallest of 1/1, 1/2, 1/4, 1/8 scale that keeps
     both sides >= `draft` pixels (PIL's draft mode: the DCT does the downscaling, far
-    cheaper than decoding at full size and resizing)."""
+    cheaper than decoding at full size and resizing). With `reference`, the reference
+    model's own (deterministic) transform of the same decoded image is kept too."""
 
     preprocess: Preprocess
     seed: int | None = None
     draft: int | None = None
+    reference: Preprocess | None = None
 
     def __call__(self, raw: dict[str, bytes], shard: Shard, pos: int, epoch: int) -> _Sample | str:
         meta: Any = {}
@@ -141,6 +144,7 @@ class _Decoder:
             uid=uid,
             noisy=None if noisy is None else bool(noisy),
             label=label,
+            ref_image=None if self.reference is None else self.reference(rgb),
         )
 
 
@@ -160,17 +164,29 @@ def _seeded(fn: Preprocess, img: Image.Image, seed: int) -> torch.Tensor:
         random.setstate(py_state)
 
 
-def _collate(samples: list[_Sample], tokenizer: Tokenizer) -> Batch:
-    def optional(values: list, dtype: torch.dtype) -> torch.Tensor | None:
-        return None if any(v is None for v in values) else torch.tensor(values, dtype=dtype)
+@dataclass
+class _Collate:
+    """Samples -> Batch, captions tokenized in one call (and by the reference's tokenizer
+    when the decoder keeps reference images)."""
 
-    return Batch(
-        images=torch.stack([s.image for s in samples]),  # uint8 from the train transform, float from others
-        tokens=torch.as_tensor(tokenizer([s.caption for s in samples])).long(),
-        uids=torch.tensor([s.uid for s in samples], dtype=torch.int64),
-        noisy=optional([s.noisy for s in samples], torch.bool),
-        labels=optional([s.label for s in samples], torch.int64),
-    )
+    tokenizer: Tokenizer
+    reference: Tokenizer | None = None
+
+    def __call__(self, samples: list[_Sample]) -> Batch:
+        def optional(values: list, dtype: torch.dtype) -> torch.Tensor | None:
+            return None if any(v is None for v in values) else torch.tensor(values, dtype=dtype)
+
+        captions = [s.caption for s in samples]
+        ref = samples[0].ref_image is not None and self.reference is not None
+        return Batch(
+            images=torch.stack([s.image for s in samples]),  # uint8 from the train transform, float from others
+            tokens=torch.as_tensor(self.tokenizer(captions)).long(),
+            uids=torch.tensor([s.uid for s in samples], dtype=torch.int64),
+            noisy=optional([s.noisy for s in samples], torch.bool),
+            labels=optional([s.label for s in samples], torch.int64),
+            ref_images=torch.stack([s.ref_image for s in samples]) if ref else None,
+            ref_tokens=torch.as_tensor(self.reference(captions)).long() if ref else None,
+        )
 
 
 def _shuffled(items: Iterable[T], bufsize: int, rng: random.Random) -> Iterator[T]:
@@ -299,13 +315,13 @@ class _TrainIterable(IterableDataset):
         layout: _Layout,
         batch_size: int,
         decoder: _Decoder,
-        tokenizer: Tokenizer,
+        collate: _Collate,
         starts: list[_Position],
         worker_offset: int,
         seen: _Seen,
     ) -> None:
         self.shardset, self.layout, self.batch_size = shardset, layout, batch_size
-        self.decoder, self.tokenizer = decoder, tokenizer
+        self.decoder, self.collate = decoder, collate
         self.starts, self.worker_offset, self.seen = starts, worker_offset, seen
 
     def __iter__(self) -> Iterator[tuple[Batch, _Meta]]:
@@ -335,7 +351,7 @@ class _TrainIterable(IterableDataset):
                 pending.append(out)
                 if len(pending) == self.batch_size:
                     pos_after = _Position(epoch, consumed, dict(skips))
-                    yield _collate(pending, self.tokenizer), _Meta(worker, pos_after)
+                    yield self.collate(pending), _Meta(worker, pos_after)
                     pending = []
             if good == 0 and skip == 0 and consumed > 0:
                 raise RuntimeError(
@@ -360,7 +376,7 @@ class TrainStream:
         *,
         batch_size: int,
         decoder: _Decoder,
-        tokenizer: Tokenizer,
+        collate: _Collate,
         loader_workers: int,
         positions: list[_Position],
         next_worker: int,
@@ -370,7 +386,7 @@ class TrainStream:
         self.num_samples = shardset.num_samples
         self.num_uids = shardset.num_uids
         self._shardset, self._layout = shardset, layout
-        self._batch_size, self._decoder, self._tokenizer = batch_size, decoder, tokenizer
+        self._batch_size, self._decoder, self._collate = batch_size, decoder, collate
         self._loader_workers = loader_workers
         self._positions, self._next_worker = positions, next_worker
 
@@ -380,7 +396,7 @@ class TrainStream:
             self._layout,
             self._batch_size,
             self._decoder,
-            self._tokenizer,
+            self._collate,
             starts=[_Position(p.epoch, p.consumed, dict(p.skips)) for p in self._positions],
             worker_offset=self._next_worker,
             seen=self._seen,
@@ -539,12 +555,16 @@ def build_train_stream(
     tokenizer: Tokenizer,
     state: dict | list[dict] | None = None,
     draft_size: int | None = None,
+    reference: tuple[Preprocess, Tokenizer] | None = None,
 ) -> TrainStream:
     """This rank's infinite training stream of `batch_size`-pair batches.
 
     `state`: this rank's saved ``state_dict()``, or every saved rank's (a resume at
-    another world size continues the open epoch). `draft_size`: the model's input side;
-    JPEGs are decoded at the smallest DCT scale that keeps them at least that large.
+    another world size continues the open epoch). `draft_size`: the largest input side of
+    the models fed; JPEGs are decoded at the smallest DCT scale that keeps them at least
+    that large. `reference`: a reference model's (transform, tokenizer), when it cannot
+    score the learner's inputs; batches then carry its view too (``ref_images``,
+    ``ref_tokens``).
 
     Raises ValueError (one line) if the spec is unusable or, without `resampled`, the
     rank gets no shard. Without `resampled`, a rank with fewer shards than
@@ -588,8 +608,8 @@ def build_train_stream(
         shardset,
         layout,
         batch_size=batch_size,
-        decoder=_Decoder(preprocess, seed, draft_size),
-        tokenizer=tokenizer,
+        decoder=_Decoder(preprocess, seed, draft_size, reference[0] if reference else None),
+        collate=_Collate(tokenizer, reference[1] if reference else None),
         loader_workers=0 if cfg.num_workers == 0 else workers,
         positions=positions,
         next_worker=next_worker,
@@ -605,11 +625,11 @@ class _ValIterable(IterableDataset):
         world_size: int,
         batch_size: int,
         decoder: _Decoder,
-        tokenizer: Tokenizer,
+        collate: _Collate,
         num_workers: int,
     ) -> None:
         self.shardset, self.rank, self.world_size = shardset, rank, world_size
-        self.batch_size, self.decoder, self.tokenizer = batch_size, decoder, tokenizer
+        self.batch_size, self.decoder, self.collate = batch_size, decoder, collate
         self.num_workers = num_workers
 
     def __iter__(self) -> Iterator[tuple[Batch | None, dict[str, int]]]:
@@ -629,9 +649,9 @@ class _ValIterable(IterableDataset):
                 continue
             pending.append(out)
             if len(pending) == self.batch_size:
-                yield _collate(pending, self.tokenizer), {}
+                yield self.collate(pending), {}
                 pending = []
-        yield (_collate(pending, self.tokenizer) if pending else None), skips
+        yield (self.collate(pending) if pending else None), skips
 
 
 def iter_val(
@@ -658,7 +678,7 @@ def iter_val(
         world_size,
         batch_size,
         _Decoder(preprocess),
-        tokenizer,
+        _Collate(tokenizer),
         num_workers=max(1, workers),
     )
     loader = DataLoader(

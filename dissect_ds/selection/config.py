@@ -3,11 +3,52 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 SCOPES = ("global", "local")
 WARMUP_MODES = ("random", "full")
 HISTORY_DTYPES = ("auto", "float16", "float32")
+
+
+LOCAL_DIR = "local-dir:"
+
+
+@dataclass
+class ReferenceConfig:
+    """A pretrained, frozen model that scores pairs for the reference-based strategies
+    (YAML section ``selection.reference``). Never downloaded, never trained, never refreshed."""
+
+    model: str | None = None
+    """An open_clip architecture name (with ``pretrained``), or ``local-dir:DIR``, a directory
+    exported by dissect_ds or open_clip (config and weights)."""
+    pretrained: str | None = None
+    """A local weights file for ``model`` (a state dict, e.g. a run's ``open_clip_model.pt``)."""
+
+    def validate(self) -> list[str]:
+        """Problems that a start-up would only hit later: a missing name, file or directory."""
+        from dissect_ds.model import model_exists
+
+        if not self.model:
+            return [
+                "selection.reference.model: this strategy needs a reference model (an open_clip name or local-dir:DIR)"
+            ]
+        if self.model.startswith(LOCAL_DIR):
+            where = Path(self.model.removeprefix(LOCAL_DIR))
+            if not (where / "open_clip_config.json").is_file():
+                return [f"selection.reference.model: {where} has no open_clip_config.json (an export directory)"]
+            if self.pretrained:
+                return ["selection.reference.pretrained: not used with local-dir: (the directory holds the weights)"]
+            return []
+        if not model_exists(self.model):
+            return [
+                f"selection.reference.model: unknown model {self.model!r} (see `python -m dissect_ds.model --list`)"
+            ]
+        if not self.pretrained:
+            return ["selection.reference.pretrained: a local weights file is required (weights are never downloaded)"]
+        if not Path(self.pretrained).is_file():
+            return [f"selection.reference.pretrained: file not found: {self.pretrained}"]
+        return []
 
 
 @dataclass
@@ -21,7 +62,8 @@ class SelectionConfig:
     """
 
     strategy: str = "none"
-    """none|random|big_loss|small_loss|current_score|dissect_warmup|dissect_momentum|dissect_model
+    """none|random|big_loss|small_loss|current_score|dissect_warmup|dissect_momentum|dissect_model,
+    or with a reference model oracle_clipscore|oracle_cliploss|learnability|jest
     (``clipscore``: deprecated alias of ``current_score``)."""
     rate: float = 1.0
     """In (0, 1]; k = max(1, floor(rate * B)) pairs of the global batch B are kept."""
@@ -47,6 +89,11 @@ class SelectionConfig:
     auto: float32 for dissect_momentum, whose EMA increments (1 - beta) * (c - h) fall below
     half a float16 ulp (0.03 at scores 64-100) and would be lost; float16 (2 bytes per uid)
     for the stored-once scores of dissect_warmup and of dissect_model's cache."""
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    """oracle_clipscore, oracle_cliploss, learnability, jest: the pretrained scoring model."""
+    jest_chunks: int = 16
+    """jest: the k kept pairs are drawn in this many chunks (must divide k), each conditioned
+    on the chunks before it."""
     record: bool = False
     """Each rank appends <run_dir>/selection/rank{R}.jsonl, one line per scored pair."""
     shadow: bool = False

@@ -19,7 +19,14 @@ log = logging.getLogger(__name__)
 
 def score_vectors(sb: ScoredBatch) -> dict[str, torch.Tensor]:
     """The global ``[B]`` score vectors known this step, by short name."""
-    named = {"current": sb.current, "historical": sb.historical, "differential": sb.differential, "loss": sb.loss}
+    named = {
+        "current": sb.current,
+        "historical": sb.historical,
+        "differential": sb.differential,
+        "loss": sb.loss,
+        "reference": sb.reference,
+        "reference_loss": sb.reference_loss,
+    }
     return {k: v for k, v in named.items() if v is not None}
 
 
@@ -27,7 +34,7 @@ def step_metrics(sb: ScoredBatch, mask: torch.Tensor, scores: dict[str, torch.Te
     """Global selection statistics (identical on every rank: all inputs are global).
 
     ``mask``: ``[B]`` bool. Keys: ``selected``, ``selection/rate_effective``,
-    ``selection/{current,historical,differential,loss}_{sel,rej}`` (means over the selected
+    ``selection/{current,historical,differential,loss,reference,reference_loss}_{sel,rej}`` (means over the selected
     / rejected pairs, for the scores that exist and non-empty sides), and with noise labels
     ``selection/clean_precision`` (clean share of the selected labelled pairs) and
     ``selection/noisy_recall`` (share of the noisy pairs rejected). One host sync.
@@ -168,7 +175,7 @@ class Recorder:
     """Appends one JSON line per scored pair of this rank's rows to ``<run_dir>/selection/rank{R}.jsonl``.
 
     Fields: step (optimizer step), micro (the micro-batch of the step the pair was loaded in), uid, current, historical,
-    differential, selected, and noisy where known;
+    differential, reference (the reference model's score), selected, and noisy where known;
     null for a score the strategy does not compute. Opt-in (``selection.record``): the
     formatting is per-row Python, unlike the selection itself. After a resume, steps
     between the checkpoint and the interruption appear twice (the later line wins).
@@ -187,13 +194,14 @@ class Recorder:
             "selected": mask[rows].tolist(),
             "noisy": sb.noisy[rows].tolist(),
         }
-        for name in ("current", "historical", "differential"):
+        for name in ("current", "historical", "differential", "reference"):
             v = getattr(sb, name)
             cols[name] = v[rows].tolist() if v is not None else [None] * n
         lines = []
         for i in range(n):
             row = {"step": sb.step, "micro": i // sb.micro_size, "uid": cols["uid"][i], "current": cols["current"][i]}
             row.update(historical=cols["historical"][i], differential=cols["differential"][i])
+            row["reference"] = cols["reference"][i]
             row["selected"] = cols["selected"][i]
             if cols["noisy"][i] >= 0:
                 row["noisy"] = bool(cols["noisy"][i])

@@ -44,6 +44,15 @@ class HistoricalModel(Protocol):
         ...
 
 
+class ReferenceModel(Protocol):
+    """A frozen pretrained scoring model (engine.py provides it). ``encode`` is collective."""
+
+    def encode(self, batch) -> Features:
+        """No-grad, inference-mode features of this rank's local batch (the reference's own
+        embedding space and logit scale)."""
+        ...
+
+
 def sync(device: torch.device) -> None:
     """Wait for queued kernels, so wall-clock timings cover the work they name."""
     if device.type == "cuda":

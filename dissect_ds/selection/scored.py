@@ -28,6 +28,10 @@ class ScoredBatch:
     current: torch.Tensor | None = None  # [B] float32 current score c
     features: Features | None = None  # local [b, D] features of the current model
     loss: torch.Tensor | None = None  # [B] per-sample contrastive loss over the global batch
+    gathered: Features | None = None  # global [B, D] features of the current model (loss strategies)
+    reference: torch.Tensor | None = None  # [B] float32 score of the pretrained reference model
+    reference_gathered: Features | None = None  # global [B, D] features of the reference model
+    reference_loss: torch.Tensor | None = None  # [B] per-sample contrastive loss under the reference
     historical: torch.Tensor | None = None  # [B] float32 historical score h
     differential: torch.Tensor | None = None  # [B] (h - mean h) - (c - mean c), when both exist
     timings: dict[str, float] = field(default_factory=dict)

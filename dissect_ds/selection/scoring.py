@@ -6,6 +6,8 @@ Shapes: ``b`` rows of this rank, ``B`` rows of the global batch, ``D`` embedding
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -51,22 +53,92 @@ def per_sample_contrastive_loss(
     return 0.5 * (F.cross_entropy(i2t, target, reduction="none") + F.cross_entropy(t2i, target, reduction="none"))
 
 
-def random_priority(seed: int, step: int, uids: torch.Tensor) -> torch.Tensor:
-    """Uniform random priorities for a global batch, a pure function of (seed, step, uids).
+def random_priority(seed: int, step: int, uids: torch.Tensor, stream: int = 0) -> torch.Tensor:
+    """Uniform random priorities in [0, 1) for a global batch, a pure function of (seed,
+    step, stream, uids); ``stream`` gives independent draws for one step.
 
-    Values are drawn from a CPU generator seeded by (seed, step) and assigned in stable
-    uid-sorted order, so
-    every rank, any world size, and CPU or GPU runs draw the same ones for the same global
-    batch. ``uids``: ``[B]`` int64 -> ``[B]`` float32 on ``uids.device``.
+    Values are drawn from a CPU generator seeded by (seed, step, stream) and assigned in
+    stable uid-sorted order, so every rank, any world size, and CPU or GPU runs draw the
+    same ones for the same global batch. ``uids``: ``[B]`` int64 -> ``[B]`` float32 on
+    ``uids.device``.
     """
     gen = torch.Generator(device="cpu")
-    # Odd multipliers spread (seed, step) over the generator's seed space.
-    mixed = int(seed) * 0x9E3779B1 + int(step) * 0x85EBCA77 + 0x27D4EB2F
+    # Odd multipliers spread (seed, step, stream) over the generator's seed space.
+    mixed = int(seed) * 0x9E3779B1 + int(step) * 0x85EBCA77 + int(stream) * 0xC2B2AE3D + 0x27D4EB2F
     gen.manual_seed(mixed % (2**63))
     draws = torch.rand(uids.shape[0], generator=gen).to(uids.device)
     out = torch.empty_like(draws)
     out[torch.argsort(uids, stable=True)] = draws
     return out
+
+
+def batch_logits(f: Features) -> torch.Tensor:
+    """``[B, B]`` image-to-text logits ``logit_scale * img_i . txt_j`` of one model's features."""
+    return f.logit_scale * f.image.float() @ f.text.float().T
+
+
+def pair_losses(logits: torch.Tensor) -> torch.Tensor:
+    """Per-pair contrastive loss of every pair against the whole batch, from ``[B, B]`` logits:
+    the mean of its image->text and text->image cross-entropies, ``[B]``."""
+    diag = logits.diagonal()
+    return 0.5 * ((logits.logsumexp(dim=1) - diag) + (logits.logsumexp(dim=0) - diag))
+
+
+def loss_increase(logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """For every pair j, how much the *summed* contrastive loss of the sub-batch ``chosen``
+    grows when j joins it: ``L(S + {j}) - L(S)``, ``[B]`` (meaningless where ``chosen``).
+
+    ``logits``: ``[B, B]`` (:func:`batch_logits`); ``chosen``: ``[B]`` bool, S, not empty.
+    L(S) sums, over the pairs i of S, half the image->text and text->image cross-entropies
+    of i among S. When j joins, each i of S gains j as a negative (its log-sum-exp over S
+    absorbs exp(logit)), and j adds its own two terms against S + {j}. O(B |S|).
+    """
+    diag = logits.diagonal()
+    rows, cols = logits[chosen], logits[:, chosen]  # [s, B]: logits[i, j]; [B, s]: logits[j, i]; i in S
+    lse_row = cols.logsumexp(dim=1)  # [B]: log sum over m in S of exp(logits[j, m])
+    lse_col = rows.logsumexp(dim=0)  # [B]: log sum over m in S of exp(logits[m, j])
+    r, c = lse_row[chosen], lse_col[chosen]  # the members' own sums over S
+    i2t = (torch.logaddexp(r[:, None], rows) - r[:, None]).sum(dim=0) + torch.logaddexp(lse_row, diag) - diag
+    t2i = (torch.logaddexp(c[None, :], cols) - c[None, :]).sum(dim=1) + torch.logaddexp(lse_col, diag) - diag
+    return 0.5 * (i2t + t2i)
+
+
+def gumbel(uniform: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise from uniforms in [0, 1): adding it to logits and taking the top m
+    samples m items without replacement from their softmax."""
+    u = uniform.double().clamp(1e-12, 1.0 - 1e-12)
+    return -torch.log(-torch.log(u))
+
+
+def jest_mask(
+    learner: Features, reference: Features, k: int, chunks: int, seed: int, step: int, uids: torch.Tensor
+) -> torch.Tensor:
+    """JEST's joint selection of ``k`` of the B pairs: ``[B]`` bool.
+
+    ``learner`` and ``reference`` are the *global* ``[B, D]`` features of both models
+    (identical on every rank). The k pairs are drawn in ``chunks`` chunks of k / chunks,
+    each sampled without replacement (Gumbel top-m, noise seeded by (seed, step, chunk)) from
+    the softmax of every remaining pair's learnability: the learner's loss increase minus
+    the reference's (:func:`loss_increase`) given the pairs drawn so far. A single pair has
+    no negatives, so the first chunk uses each pair's learnability against the whole batch
+    instead. O(B^2) memory for the two logit matrices.
+    """
+    learner_logits, reference_logits = batch_logits(learner), batch_logits(reference)
+    n = learner_logits.shape[0]
+    chosen = torch.zeros(n, dtype=torch.bool, device=learner_logits.device)
+    if k % chunks:
+        raise ValueError(f"jest: {chunks} chunks do not divide the {k} pairs to keep (selection.jest_chunks)")
+    per_chunk = k // chunks
+    no_tiebreak = torch.zeros(n, device=chosen.device)
+    for c in range(chunks):
+        if c == 0:
+            score = pair_losses(learner_logits) - pair_losses(reference_logits)
+        else:
+            score = loss_increase(learner_logits, chosen) - loss_increase(reference_logits, chosen)
+        keys = score.double() + gumbel(random_priority(seed, step, uids, stream=1 + c)).to(score.device)
+        keys = keys.masked_fill(chosen, -math.inf)
+        chosen |= topk_mask(keys, no_tiebreak, torch.tensor([per_chunk]))
+    return chosen
 
 
 def topk_mask(

@@ -14,7 +14,7 @@ from dissect_ds import distributed as dist
 from dissect_ds.model import Features
 from dissect_ds.selection.config import SelectionConfig
 from dissect_ds.selection.diagnostics import EarlySnapshotAlarm, NoiseAuroc, Recorder, score_vectors, step_metrics
-from dissect_ds.selection.historical import HistoricalModel, LiveSnapshot, sync
+from dissect_ds.selection.historical import HistoricalModel, LiveSnapshot, ReferenceModel, sync
 from dissect_ds.selection.memory import ScoreMemory
 from dissect_ds.selection.scored import ScoredBatch
 from dissect_ds.selection.scoring import clip_score, per_sample_contrastive_loss, random_priority, topk_mask
@@ -79,7 +79,7 @@ class Selector:
     against the current score (:class:`~dissect_ds.selection.diagnostics.EarlySnapshotAlarm`).
 
     ``time/select`` is the step's wall time minus the scoring forwards (``time/score``,
-    ``time/score_hist``) and minus ``time/select_wait``, the time spent in the step's
+    ``time/score_hist``, ``time/score_ref``) and minus ``time/select_wait``, the time spent in the step's
     first collective waiting for slower ranks (load skew the train step would otherwise
     absorb). Timing metrics are this rank's own, not global.
 
@@ -93,7 +93,8 @@ class Selector:
     :meth:`after_step` once per optimizer step, :meth:`state_dict` and
     :meth:`load_state_dict` together. ``make_historical``
     (collective) builds the host-resident historical model, lazily, for ``dissect_model``
-    and ``shadow``.
+    and ``shadow``; ``make_reference`` (collective) returns the pretrained reference model
+    of the reference-based strategies, called once, when it is first needed.
     """
 
     def __init__(
@@ -108,6 +109,7 @@ class Selector:
         steps_per_epoch: int,
         run_dir: str | None,
         make_historical: Callable[[], HistoricalModel] | None,
+        make_reference: Callable[[], ReferenceModel] | None = None,
     ) -> None:
         errors = validate(cfg)
         if errors:
@@ -135,6 +137,7 @@ class Selector:
             )
         self.memory = memory
         self.strategy = cls(cfg, memory, snapshot)
+        self.make_reference, self.reference = make_reference, None
         self.shadow = None
         if cfg.shadow:
             at = cfg.shadow_step if cfg.shadow_step >= 0 else self.warmup_length - 1
@@ -162,27 +165,30 @@ class Selector:
         cfg, strategy = self.cfg, self.strategy
         in_warmup = step < self.warmup_length
         with_loss = strategy.needs_features(in_warmup)
-        feats = None
+        timings: dict[str, float] = {}
+        feats = ref_feats = None
         if strategy.needs_current(in_warmup) or with_loss or self.shadow is not None:
-            t0 = time.perf_counter()
-            feats = encode(batch)
-            sync(self.device)
-            score_seconds = time.perf_counter() - t0
-        sb = self._gather_batch(step, micro_size or max(1, len(batch)), in_warmup, batch, feats)
-        if feats is not None:
-            sb.timings["time/score"] = score_seconds
+            feats = self._timed(lambda: encode(batch), timings, "time/score")
+        if strategy.needs_reference_scores(in_warmup):
+            ref_feats = self._timed(lambda: self._reference_model().encode(batch), timings, "time/score_ref")
+        sb = self._gather_batch(step, micro_size or max(1, len(batch)), in_warmup, batch, feats, ref_feats)
+        sb.timings.update(timings)
         if with_loss:
-            self._per_sample_loss(sb, feats)
+            sb.gathered, sb.loss = self._per_sample_loss(sb, feats)
+        if strategy.needs_reference_features(in_warmup):
+            sb.reference_gathered, sb.reference_loss = self._per_sample_loss(sb, ref_feats)
         sb.set_historical(strategy.historical(sb))
         if sb.historical is None and self.shadow is not None and self.shadow.available(step):
             sb.set_historical(self.shadow.scores(batch, sb.uids, sb.rows_per_rank, step, sb.timings))
 
+        chosen = None
         if in_warmup and strategy.obeys_warmup:
             priority = random_priority(self.seed, step, sb.uids) if cfg.warmup_mode == "random" else None
         else:
-            priority = strategy.priority(sb)
-        mask = self._topk(priority, sb)
-        if priority is not None:
+            chosen = strategy.choose(sb, kept_count(cfg.rate, sb.uids.shape[0]))
+            priority = strategy.priority(sb) if chosen is None else None
+        mask = self._topk(priority, sb) if chosen is None else chosen
+        if priority is not None or chosen is not None:
             # Cheap insurance: a rank that diverged would train on other pairs than its peers
             # think, and the gathered loss would silently mix two selections.
             _check_same_on_all_ranks(mask, f"selection mask at step {step}")
@@ -198,25 +204,43 @@ class Selector:
         if self.recorder is not None:
             self.recorder.write(sb, rows, mask)
         # Always present (0 without a forward) so every metrics line has the same timing keys.
-        timings = {"time/score": 0.0, "time/score_hist": 0.0, **sb.timings}
+        timings = {"time/score": 0.0, "time/score_hist": 0.0, "time/score_ref": 0.0, **sb.timings}
         metrics.update(timings)
         metrics["time/select"] = time.perf_counter() - t_start - sum(timings.values())
         histograms = {f"selection/{k}": v for k, v in scores.items()}
         selected = torch.stack([m.sum() for m in mask.split(sb.rows_per_rank)]).tolist()  # one host sync
         return Selection(mask[rows], int(metrics["selected"]), selected, metrics, histograms)
 
-    def _gather_batch(self, step: int, micro_size: int, in_warmup: bool, batch, feats: Features | None) -> ScoredBatch:
-        """Gather uids, noise labels and (when scored) current scores in one all-gather.
+    def _timed(self, forward: Callable[[], Features], timings: dict[str, float], key: str) -> Features:
+        """Run a scoring forward; its wall time (queued kernels included) goes to ``timings[key]``."""
+        t0 = time.perf_counter()
+        out = forward()
+        sync(self.device)
+        timings[key] = time.perf_counter() - t0
+        return out
 
-        Packed as float64 columns ``[uid, noisy code, c]``: exact for uids < 2**53 and
-        float32 scores, and one collective instead of three (gloo latency dominates the
+    def _reference_model(self) -> ReferenceModel:
+        if self.reference is None:
+            if self.make_reference is None:
+                raise ValueError(f"selection.strategy {self.cfg.strategy} needs a reference model: pass make_reference")
+            self.reference = self.make_reference()
+        return self.reference
+
+    def _gather_batch(
+        self, step: int, micro_size: int, in_warmup: bool, batch, feats: Features | None, ref_feats: Features | None
+    ) -> ScoredBatch:
+        """Gather uids, noise labels and (when scored) current and reference scores in one
+        all-gather.
+
+        Packed as float64 columns ``[uid, noisy code, c, reference]``: exact for uids < 2**53
+        and float32 scores, and one collective instead of four (gloo latency dominates the
         bookkeeping of small CPU runs).
         """
         b = len(batch)
         uids = torch.as_tensor(batch.uids).to(self.device, torch.long).reshape(b)
         noisy = getattr(batch, "noisy", None)
         code = torch.full_like(uids, -1) if noisy is None else torch.as_tensor(noisy).to(self.device, torch.long)
-        cols = [uids, code.reshape(b)] + ([clip_score(feats)] if feats is not None else [])
+        cols = [uids, code.reshape(b)] + [clip_score(f) for f in (feats, ref_feats) if f is not None]
         t0 = time.perf_counter()
         sizes = dist.all_gather_sizes(b, self.device)
         # The first collective of the step absorbs the ranks' skew (data loading, the
@@ -239,19 +263,22 @@ class Selector:
             uids=g_uids,
             noisy=g[:, 1].to(torch.int8),
             current=g[:, 2].float() if feats is not None else None,
+            reference=g[:, -1].float() if ref_feats is not None else None,
             features=feats,
             timings={"time/select_wait": wait},
         )
 
-    def _per_sample_loss(self, sb: ScoredBatch, feats: Features) -> None:
-        """sb.loss: [B] per-sample contrastive loss of every pair against the global batch."""
+    def _per_sample_loss(self, sb: ScoredBatch, feats: Features) -> tuple[Features, torch.Tensor]:
+        """One model's global ``[B, D]`` features and ``[B]`` per-sample contrastive loss of
+        every pair against the global batch."""
         d = feats.image.shape[1]
         g = dist.all_gather_cat(torch.cat([feats.image.float(), feats.text.float()], dim=1), sb.rows_per_rank)
         offset = dist.local_slice(sb.rows_per_rank, self.rank).start
         loss_local = per_sample_contrastive_loss(
             feats.image, feats.text, g[:, :d], g[:, d:], offset, float(feats.logit_scale)
         )
-        sb.loss = dist.all_gather_cat(loss_local, sb.rows_per_rank)
+        gathered = Features(image=g[:, :d], text=g[:, d:], logit_scale=feats.logit_scale)
+        return gathered, dist.all_gather_cat(loss_local, sb.rows_per_rank)
 
     def _topk(self, priority: torch.Tensor | None, sb: ScoredBatch) -> torch.Tensor:
         n = sb.uids.shape[0]

@@ -16,7 +16,7 @@ import torch
 from dissect_ds.selection.historical import LiveSnapshot
 from dissect_ds.selection.memory import ScoreMemory
 from dissect_ds.selection.scored import ScoredBatch
-from dissect_ds.selection.scoring import random_priority
+from dissect_ds.selection.scoring import jest_mask, random_priority
 
 if TYPE_CHECKING:
     from dissect_ds.selection.config import SelectionConfig
@@ -52,6 +52,10 @@ class Strategy:
                 for key, default in other.own_keys.items():
                     if getattr(cfg, key) != default:
                         errors.append(f"selection.{key}: only used by strategy {other.name} (got {cls.name})")
+        if cfg.reference.model is not None or cfg.reference.pretrained is not None:
+            if not cls.needs_reference(cfg):
+                users = "|".join(n for n, c in STRATEGIES.items() if c.needs_reference(cfg))
+                errors.append(f"selection.reference: only used by strategies {users} (got {cls.name})")
         if cfg.shadow and cls.has_historical():
             errors.append(
                 f"selection.shadow: {cls.name} already computes the differential; shadow is for strategies "
@@ -79,6 +83,11 @@ class Strategy:
         """Whether the strategy has a historical score of its own (shadow is then moot)."""
         return False
 
+    @classmethod
+    def needs_reference(cls, cfg: SelectionConfig) -> bool:
+        """Whether a pretrained reference model (``selection.reference``) is loaded."""
+        return False
+
     def needs_current(self, in_warmup: bool) -> bool:
         """Whether the current model's scoring forward runs this step."""
         return False
@@ -87,12 +96,25 @@ class Strategy:
         """Whether the current features are gathered for per-sample losses."""
         return False
 
+    def needs_reference_scores(self, in_warmup: bool) -> bool:
+        """Whether the reference model's forward runs this step (its score ``sb.reference``)."""
+        return False
+
+    def needs_reference_features(self, in_warmup: bool) -> bool:
+        """Whether the reference features are gathered too (``sb.reference_loss``)."""
+        return False
+
     def historical(self, sb: ScoredBatch) -> torch.Tensor | None:
         """[B] historical scores h, or None; may run collective forwards."""
         return None
 
     def priority(self, sb: ScoredBatch) -> torch.Tensor | None:
         """[B] priority (higher = kept), or None to keep the whole batch. Not in warm-up."""
+        return None
+
+    def choose(self, sb: ScoredBatch, k: int) -> torch.Tensor | None:
+        """For joint selection: the ``[B]`` bool mask of exactly ``k`` kept pairs, chosen as a
+        set; None (the default) ranks by :meth:`priority` and keeps its top k."""
         return None
 
     def update(self, sb: ScoredBatch, mask: torch.Tensor) -> None:
@@ -270,9 +292,102 @@ class DissectModel(Differential):
         return self.snapshot.scores(sb.batch, sb.uids, sb.rows_per_rank, sb.step, sb.timings)
 
 
+class _Reference(Strategy):
+    """Common part of the strategies that score with a pretrained reference model.
+
+    The reference is frozen and loaded once (``selection.reference``); unlike the
+    historical model it is never refreshed, and may be another architecture.
+    """
+
+    @classmethod
+    def needs_reference(cls, cfg: SelectionConfig) -> bool:
+        return True
+
+    @classmethod
+    def validate(cls, cfg: SelectionConfig) -> list[str]:
+        return super().validate(cfg) + cfg.reference.validate()
+
+    def needs_reference_scores(self, in_warmup: bool) -> bool:
+        return not in_warmup
+
+
+class OracleClipScore(_Reference):
+    """``oracle_clipscore``: keep the pairs the reference scores highest (CLIPScore filtering,
+    as LAION and DataComp do offline, here per global batch)."""
+
+    name = "oracle_clipscore"
+
+    def priority(self, sb: ScoredBatch) -> torch.Tensor:
+        return sb.reference
+
+
+class OracleClipLoss(_Reference):
+    """``oracle_cliploss``: keep the smallest per-pair contrastive losses under the reference,
+    each against the whole global batch."""
+
+    name = "oracle_cliploss"
+
+    def needs_reference_features(self, in_warmup: bool) -> bool:
+        return not in_warmup
+
+    def priority(self, sb: ScoredBatch) -> torch.Tensor:
+        return -sb.reference_loss
+
+
+class Learnability(OracleClipLoss):
+    """``learnability``: keep the largest learner loss minus reference loss (RHO-LOSS's
+    reducible loss; JEST's per-example score): pairs not learned yet but learnable."""
+
+    name = "learnability"
+
+    def needs_current(self, in_warmup: bool) -> bool:
+        return not in_warmup
+
+    def needs_features(self, in_warmup: bool) -> bool:
+        return not in_warmup
+
+    def priority(self, sb: ScoredBatch) -> torch.Tensor:
+        return sb.loss - sb.reference_loss
+
+
+class Jest(Learnability):
+    """``jest``: joint example selection (Evans et al. 2024). The k pairs are drawn as a set,
+    ``jest_chunks`` chunks in turn, each sampled without replacement from the softmax of every
+    remaining pair's conditional learnability given the pairs already drawn (the contrastive
+    loss of a pair depends on the rest of the sub-batch; see :func:`jest_mask`)."""
+
+    name = "jest"
+    own_keys = {"jest_chunks": 16}
+
+    @classmethod
+    def validate(cls, cfg: SelectionConfig) -> list[str]:
+        errors = super().validate(cfg)
+        if cfg.jest_chunks < 1:
+            errors.append(f"selection.jest_chunks: {cfg.jest_chunks} must be >= 1")
+        if cfg.scope != "global":
+            errors.append("selection.scope: jest draws one joint set from the global batch (use global)")
+        return errors
+
+    def choose(self, sb: ScoredBatch, k: int) -> torch.Tensor:
+        return jest_mask(sb.gathered, sb.reference_gathered, k, self.cfg.jest_chunks, sb.seed, sb.step, sb.uids)
+
+
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
-    for cls in (FullBatch, Random, BigLoss, SmallLoss, CurrentScore, DissectWarmup, DissectMomentum, DissectModel)
+    for cls in (
+        FullBatch,
+        Random,
+        BigLoss,
+        SmallLoss,
+        CurrentScore,
+        DissectWarmup,
+        DissectMomentum,
+        DissectModel,
+        OracleClipScore,
+        OracleClipLoss,
+        Learnability,
+        Jest,
+    )
 }
 """``selection.strategy`` name -> class."""
 

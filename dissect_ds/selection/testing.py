@@ -108,3 +108,16 @@ def scores_as_features(scores: torch.Tensor) -> Features:
     image[:, 0] = 1.0
     text = torch.stack([cos, (1.0 - cos * cos).sqrt()], dim=1)
     return Features(image=image.float(), text=text.float(), logit_scale=20.0)
+
+
+class FakeReference:
+    """A :class:`~dissect_ds.selection.historical.ReferenceModel`: another ``FakeClip`` (its
+    own embedding width and logit scale allowed) frozen at one version."""
+
+    def __init__(self, model: FakeClip, version: float = 0.0) -> None:
+        self.model, self.version = model, version
+        self.encode_calls = 0
+
+    def encode(self, batch: FakeBatch) -> Features:
+        self.encode_calls += 1
+        return self.model.features(batch.uids, self.version)

@@ -59,6 +59,29 @@ BAD = [
     (["resume=/no/such/checkpoint"], "resume"),
     (["train=5"], "train: expected a section"),
     (["log.every_steps=0"], "log.every_steps"),
+    *[
+        ([f"selection.strategy={s}", "selection.reference.model=dissect-tiny-vit"], "selection.reference.pretrained")
+        for s in ("oracle_clipscore", "oracle_cliploss", "learnability", "jest")
+    ],
+    (
+        [
+            "selection.strategy=learnability",
+            "selection.reference.model=dissect-tiny-vit",
+            "selection.reference.pretrained=/no/ref.pt",
+        ],
+        "selection.reference.pretrained: file not found",
+    ),
+    (
+        ["selection.strategy=oracle_clipscore", "selection.reference.model=local-dir:/no/dir"],
+        "selection.reference.model",
+    ),
+    (
+        ["selection.strategy=oracle_clipscore", "selection.reference.model=NoSuchNet"],
+        "selection.reference.model: unknown",
+    ),
+    (["selection.strategy=random", "selection.reference.model=dissect-tiny-vit"], "selection.reference: only used"),
+    (["selection.strategy=jest", "selection.rate=0.5", "selection.jest_chunks=5"], "selection.jest_chunks"),
+    (["selection.strategy=random", "selection.jest_chunks=4"], "selection.jest_chunks: only used by strategy jest"),
 ]
 
 

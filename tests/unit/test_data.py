@@ -160,8 +160,9 @@ def test_batches_have_the_contract_shapes_and_select(synth: Path) -> None:
     assert torch.equal(sub.images, b.images[[1, 5, 7]]) and torch.equal(sub.noisy, b.noisy[mask])
     none = Batch(b.images, b.tokens, b.uids).select(torch.tensor([0, 2]))
     assert none.noisy is None and none.labels is None and torch.equal(none.uids, b.uids[[0, 2]])
-    half = b.to("cpu", dtype=torch.float16)
-    assert half.images.dtype == torch.float16 and half.tokens.dtype == torch.int64
+    moved = b.to("cpu")
+    assert moved.images.dtype == b.images.dtype and torch.equal(moved.tokens, b.tokens)
+    assert moved.ref_images is None and Batch.cat([sub, sub]).uids.tolist() == sub.uids.tolist() * 2
 
 
 def test_order_is_a_function_of_the_seed(synth: Path) -> None:

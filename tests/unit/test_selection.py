@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from dissect_ds.model import Features
 from dissect_ds.selection import STRATEGIES, ScoreMemory, SelectionConfig, Selector, validate
+from dissect_ds.selection.config import ReferenceConfig
 from dissect_ds.selection.scoring import auroc, clip_score, per_sample_contrastive_loss, random_priority, topk_mask
 from dissect_ds.selection.testing import FakeBatch, FakeClip, FakeHistorical, scores_as_features
 
@@ -63,9 +64,15 @@ def all_history(selector: Selector) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ config
-def test_config_defaults_valid_and_errors_name_the_key():
-    for name in STRATEGIES:
+def test_config_defaults_valid_and_errors_name_the_key(tmp_path):
+    weights = tmp_path / "ref.pt"
+    weights.write_bytes(b"")
+    reference = ReferenceConfig(model="dissect-tiny-vit", pretrained=str(weights))
+    for name, cls in STRATEGIES.items():
         warm = {"warmup_steps": 1} if name == "dissect_warmup" else {}
+        if cls.needs_reference(SelectionConfig()):
+            assert validate(SelectionConfig(strategy=name))[0].startswith("selection.reference.model"), name
+            warm["reference"] = reference
         assert validate(SelectionConfig(strategy=name, **warm)) == [], name
     bad = SelectionConfig(
         strategy="dissect_momentum", rate=0.0, scope="row", warmup_mode="half", beta=1.0, history_dtype="int8"

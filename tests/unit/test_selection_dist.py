@@ -17,8 +17,9 @@ import torch
 
 from dissect_ds import distributed as dist
 from dissect_ds.selection import SelectionConfig, Selector
+from dissect_ds.selection.config import ReferenceConfig
 from dissect_ds.selection.scoring import random_priority
-from dissect_ds.selection.testing import FakeBatch, FakeClip, FakeHistorical
+from dissect_ds.selection.testing import FakeBatch, FakeClip, FakeHistorical, FakeReference
 from tests.multiproc import run_ranks
 
 N = 40
@@ -54,7 +55,12 @@ SCENARIOS: dict[str, dict] = {
     "local_scope": {"strategy": "current_score", "rate": 0.4, "scope": "local"},
     "zero_selected": {"strategy": "current_score", "rate": 0.5},
     "zero_rows": {"strategy": "dissect_momentum", "rate": 0.4},
+    "oracle_clipscore": {"strategy": "oracle_clipscore", "rate": 0.4, "warmup_steps": 1},
+    "oracle_cliploss": {"strategy": "oracle_cliploss", "rate": 0.4},
+    "learnability": {"strategy": "learnability", "rate": 0.4, "warmup_steps": 2, "warmup_mode": "full"},
+    "jest": {"strategy": "jest", "rate": 0.5, "jest_chunks": 3},
 }
+REFERENCE = ("oracle_clipscore", "oracle_cliploss", "learnability", "jest")
 SCENARIO_SIZES = {
     "zero_selected": {1: [12], 2: [6, 6], 3: [4, 4, 4]},  # the last rank holds only score-0 pairs
     "zero_rows": {1: [12], 2: [12, 0], 3: [4, 0, 8]},
@@ -68,9 +74,10 @@ def noisy_of(uids: torch.Tensor) -> torch.Tensor:
 
 def global_batches(name: str) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(sorted(SCENARIOS).index(name))
-    if name == "zero_selected":  # 6 normal pairs, then 6 score-0 pairs
+    if name == "zero_selected":  # 6 clean pairs (score > 0), then 6 score-0 pairs
+        clean = torch.tensor([u for u in range(20) if not noisy_of(torch.tensor(u))])
         return [
-            torch.cat([torch.randperm(20, generator=g)[:6], 20 + torch.randperm(20, generator=g)[:6]])
+            torch.cat([clean[torch.randperm(len(clean), generator=g)[:6]], 20 + torch.randperm(20, generator=g)[:6]])
             for _ in range(STEPS)
         ]
     return [torch.randperm(N, generator=g)[:12] for _ in range(STEPS + RESUME_STEPS)]
@@ -84,7 +91,13 @@ def build(name: str, rank: int, world: int, run_dir: str) -> tuple[Selector, Fak
         hists.append(FakeHistorical(model))
         return hists[-1]
 
-    cfg = SelectionConfig(**SCENARIOS[name])
+    extra = {}
+    reference = FakeReference(FakeClip(N, dim=8, seed=3, noisy=noisy_of(torch.arange(N)), logit_scale=30.0), 2.0)
+    if name in REFERENCE:
+        weights = os.path.join(run_dir, "reference.pt")
+        open(weights, "a").close()  # validation only checks that the file exists
+        extra["reference"] = ReferenceConfig(model="dissect-tiny-vit", pretrained=weights)
+    cfg = SelectionConfig(**SCENARIOS[name], **extra)
     selector = Selector(
         cfg,
         num_uids=N,
@@ -95,6 +108,7 @@ def build(name: str, rank: int, world: int, run_dir: str) -> tuple[Selector, Fak
         steps_per_epoch=4,
         run_dir=os.path.join(run_dir, f"W{world}", name),
         make_historical=make_historical,
+        make_reference=lambda: reference,
     )
     return selector, model, hists
 
