@@ -221,6 +221,22 @@ def _raw_samples(shards: Iterable[Shard]) -> Iterator[tuple[Shard, int, dict[str
             yield shard, read, {LOST: shard.size - read}
 
 
+def shard_batches(shard: Shard, *, batch_size: int, preprocess: Preprocess, tokenizer: Tokenizer) -> Iterator[Batch]:
+    """One shard's usable pairs in file order, in batches of at most ``batch_size`` (for
+    scoring a data set once); unusable samples are skipped, as in training."""
+    decoder, collate = _Decoder(preprocess), _Collate(tokenizer)
+    pending: list[_Sample] = []
+    for _, pos, raw in _raw_samples([shard]):
+        out = None if LOST in raw else decoder(raw, shard, pos, 0)
+        if isinstance(out, _Sample):
+            pending.append(out)
+        if len(pending) == batch_size:
+            yield collate(pending)
+            pending = []
+    if pending:
+        yield collate(pending)
+
+
 @dataclass(frozen=True)
 class _Layout:
     """Everything the sample order depends on, besides the shard set."""

@@ -24,11 +24,21 @@ class ReferenceConfig:
     exported by dissect_ds or open_clip (config and weights)."""
     pretrained: str | None = None
     """A local weights file for ``model`` (a state dict, e.g. a run's ``open_clip_model.pt``)."""
+    scores: str | None = None
+    """oracle_clipscore: a directory of per-uid scores written by ``python -m dissect_ds.score``,
+    read instead of running the reference model every step."""
 
-    def validate(self) -> list[str]:
+    def validate(self, scores_allowed: bool = False) -> list[str]:
         """Problems that a start-up would only hit later: a missing name, file or directory."""
         from dissect_ds.model import model_exists
 
+        if self.scores is not None:
+            if not scores_allowed:
+                return ["selection.reference.scores: only oracle_clipscore reads precomputed scores"]
+            if not (Path(self.scores) / "info.json").is_file():
+                return [f"selection.reference.scores: {self.scores} has no info.json (run python -m dissect_ds.score)"]
+            if self.model is None and self.pretrained is None:
+                return []
         if not self.model:
             return [
                 "selection.reference.model: this strategy needs a reference model (an open_clip name or local-dir:DIR)"

@@ -137,6 +137,7 @@ class Selector:
             )
         self.memory = memory
         self.strategy = cls(cfg, memory, snapshot)
+        self.strategy.start(self.num_uids, self.device)
         self.make_reference, self.reference = make_reference, None
         self.shadow = None
         if cfg.shadow:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from dissect_ds.selection.config import ReferenceConfig
 from dissect_ds.selection.historical import LiveSnapshot
 from dissect_ds.selection.memory import ScoreMemory
 from dissect_ds.selection.scored import ScoredBatch
@@ -39,6 +40,8 @@ class Strategy:
     """Config keys (with their defaults) that only this strategy reads."""
     auto_history_dtype: ClassVar[str] = "float16"
     """What ``history_dtype: auto`` means for the score memory, where there is one."""
+    reference_based: ClassVar[bool] = False
+    """Reads the ``selection.reference`` section."""
 
     def __init__(self, cfg: SelectionConfig, memory: ScoreMemory | None, snapshot: LiveSnapshot | None) -> None:
         self.cfg, self.memory, self.snapshot = cfg, memory, snapshot
@@ -52,10 +55,9 @@ class Strategy:
                 for key, default in other.own_keys.items():
                     if getattr(cfg, key) != default:
                         errors.append(f"selection.{key}: only used by strategy {other.name} (got {cls.name})")
-        if cfg.reference.model is not None or cfg.reference.pretrained is not None:
-            if not cls.needs_reference(cfg):
-                users = "|".join(n for n, c in STRATEGIES.items() if c.needs_reference(cfg))
-                errors.append(f"selection.reference: only used by strategies {users} (got {cls.name})")
+        if cfg.reference != ReferenceConfig() and not cls.reference_based:
+            users = "|".join(n for n, c in STRATEGIES.items() if c.reference_based)
+            errors.append(f"selection.reference: only used by strategies {users} (got {cls.name})")
         if cfg.shadow and cls.has_historical():
             errors.append(
                 f"selection.shadow: {cls.name} already computes the differential; shadow is for strategies "
@@ -85,8 +87,11 @@ class Strategy:
 
     @classmethod
     def needs_reference(cls, cfg: SelectionConfig) -> bool:
-        """Whether a pretrained reference model (``selection.reference``) is loaded."""
+        """Whether the pretrained reference model (``selection.reference``) is loaded."""
         return False
+
+    def start(self, num_uids: int, device: torch.device) -> None:
+        """Load what the strategy reads besides the batch (called once by the Selector)."""
 
     def needs_current(self, in_warmup: bool) -> bool:
         """Whether the current model's scoring forward runs this step."""
@@ -299,13 +304,17 @@ class _Reference(Strategy):
     historical model it is never refreshed, and may be another architecture.
     """
 
+    reference_based = True
+    reads_scores: ClassVar[bool] = False
+    """Can read precomputed per-uid scores (``selection.reference.scores``) instead."""
+
     @classmethod
     def needs_reference(cls, cfg: SelectionConfig) -> bool:
         return True
 
     @classmethod
     def validate(cls, cfg: SelectionConfig) -> list[str]:
-        return super().validate(cfg) + cfg.reference.validate()
+        return super().validate(cfg) + cfg.reference.validate(scores_allowed=cls.reads_scores)
 
     def needs_reference_scores(self, in_warmup: bool) -> bool:
         return not in_warmup
@@ -313,12 +322,31 @@ class _Reference(Strategy):
 
 class OracleClipScore(_Reference):
     """``oracle_clipscore``: keep the pairs the reference scores highest (CLIPScore filtering,
-    as LAION and DataComp do offline, here per global batch)."""
+    as LAION and DataComp do offline, here per global batch). With
+    ``selection.reference.scores`` the scores come from a table written once by
+    ``python -m dissect_ds.score`` and the reference never runs (a uid without a score ranks last)."""
 
     name = "oracle_clipscore"
 
+    @classmethod
+    def needs_reference(cls, cfg: SelectionConfig) -> bool:
+        return cfg.reference.scores is None
+
+    reads_scores = True
+
+    def start(self, num_uids: int, device: torch.device) -> None:
+        from dissect_ds.score import load_scores
+
+        scores = self.cfg.reference.scores
+        self.table = None if scores is None else load_scores(scores, num_uids).to(device)
+
+    def needs_reference_scores(self, in_warmup: bool) -> bool:
+        return not in_warmup and self.cfg.reference.scores is None
+
     def priority(self, sb: ScoredBatch) -> torch.Tensor:
-        return sb.reference
+        if self.table is None:
+            return sb.reference
+        return torch.nan_to_num(self.table[sb.uids], nan=-1.0)
 
 
 class OracleClipLoss(_Reference):

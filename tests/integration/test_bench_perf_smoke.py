@@ -38,6 +38,8 @@ def test_quick_perf_benchmarks(tmp_path):
     for name in ("clipscore", "dissect_warmup", "big_loss"):  # strategies with a scoring forward
         assert ov.time(name, "time/score").finite_positive(), name
     assert ov.time("dissect_model", "time/score_hist").finite_positive()
+    for name in overhead.REFERENCE_FORWARDS:  # the reference's forward is timed apart
+        assert ov.time(name, "time/score_ref").finite_positive(), name
     assert ov.time("random", "time/score").mid == 0  # no forward: the split is honest
 
     mem = results["memory"]

@@ -76,8 +76,9 @@ def _parses(module: str, args: list[str], monkeypatch) -> None:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """A working directory like the repository's after the documented preparation steps:
-    configs/ and ds_configs/ of the repository, data/evalsets/, and a small synthetic set
-    (returned) standing in for every data.train / data.val."""
+    configs/ and ds_configs/ of the repository, data/evalsets/, a reference export and its
+    offline scores, and a small synthetic set (returned) standing in for every data.train /
+    data.val."""
     from dissect_ds.data.evalsets import write_eval_sets
     from dissect_ds.data.synthetic import write_synthetic
 
@@ -87,6 +88,14 @@ def data(tmp_path_factory) -> Path:
     write_eval_sets(str(work / "data" / "evalsets"))
     out = work / "data" / "synthetic"
     write_synthetic(str(out), num_samples=64, noise_rate=0.0, seed=0, val_samples=16, shard_size=64, progress=False)
+    # What the reference-model examples name: an earlier run's export and its offline scores.
+    from dissect_ds.export import write_open_clip_dir
+    from dissect_ds.model import build_model
+
+    model, *_ = build_model("dissect-tiny-vit")
+    write_open_clip_dir(model.state_dict(), model, "dissect-tiny-vit", work / "runs" / "ref" / "open_clip")
+    (work / "scores" / "syn").mkdir(parents=True)
+    (work / "scores" / "syn" / "info.json").write_text('{"num_uids": 64}')
     return out
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dissect_ds.model import Features
-from dissect_ds.selection import SelectionConfig, Selector
+from dissect_ds.selection import SelectionConfig, Selector, validate
 from dissect_ds.selection.config import ReferenceConfig
 from dissect_ds.selection.scoring import batch_logits, gumbel, loss_increase, random_priority
 from dissect_ds.selection.testing import FakeBatch, FakeClip, FakeReference
@@ -163,3 +163,32 @@ def test_jest_prefers_learnable_pairs_and_keeps_exactly_k(tmp_path):
     # In this fake, the reference's later version has pulled noisy captions towards their
     # images 3x faster: they are the most "learnable" pairs.
     assert kept_noisy / kept > 1 / 3 + 0.2
+
+
+def test_oracle_clipscore_reads_precomputed_scores_without_a_reference_model(tmp_path):
+    """A ``dissect_ds.score`` directory (two shard files, info.json) replaces the reference:
+    the kept pairs are the top table scores, a uid without a score ranks last, and the
+    section names its key when the table was made for another data set."""
+    import json
+
+    scores = torch.linspace(0, 100, N).half()
+    scores = scores[torch.randperm(N, generator=torch.Generator().manual_seed(2))]
+    missing = 25  # in the second shard
+    torch.save({"uids": torch.arange(0, 20), "scores": scores[:20]}, tmp_path / "shard-000000.pt")
+    keep = torch.tensor([u for u in range(20, N) if u != missing])
+    torch.save({"uids": keep, "scores": scores[keep]}, tmp_path / "shard-000001.pt")
+    (tmp_path / "info.json").write_text(json.dumps({"num_uids": N}))
+    cfg = SelectionConfig(strategy="oracle_clipscore", rate=0.5, reference=ReferenceConfig(scores=str(tmp_path)))
+    args = dict(rank=0, world_size=1, device="cpu", seed=SEED, steps_per_epoch=3, run_dir=None, make_historical=None)
+    selector = Selector(cfg, num_uids=N, **args)  # no make_reference: running it would raise
+    table = scores.float().clone()
+    table[missing] = -1.0
+    for step in range(3):
+        uids = torch.randperm(N, generator=torch.Generator().manual_seed(step))[:B]
+        sel = selector.select(step, FakeBatch(uids), FakeClip(N).encode)
+        assert sel.mask.tolist() == top_k(table[uids].tolist(), uids, step, B // 2)
+    with pytest.raises(ValueError, match="selection.reference.scores"):
+        Selector(cfg, num_uids=N + 1, **args)
+    assert validate(SelectionConfig(strategy="learnability", reference=ReferenceConfig(scores=str(tmp_path))))[
+        0
+    ].startswith("selection.reference.scores: only oracle_clipscore")
