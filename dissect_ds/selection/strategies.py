@@ -346,7 +346,7 @@ class OracleClipScore(_Reference):
     def priority(self, sb: ScoredBatch) -> torch.Tensor:
         if self.table is None:
             return sb.reference
-        return torch.nan_to_num(self.table[sb.uids], nan=-1.0)
+        return torch.nan_to_num(self.table[sb.uids].float(), nan=-1.0)
 
 
 class OracleClipLoss(_Reference):
