@@ -23,25 +23,28 @@ IMAGES = ("arms", "curves", "auroc", "selection", "scores")
 
 
 def _data(scale: plan.Scale, jobs: list[plan.Job], work: Path) -> None:
-    """Write the data sets the jobs read (one per regime and noise level; seed 0)."""
+    """Write the data sets the jobs read (one per regime and noise level; seed 0; the
+    reference's clean held-out split: another seed)."""
     for regime, noise in sorted({(j.regime, j.noise) for j in jobs}):
         n = scale.onepass_train if regime == "onepass" else scale.train
+        seed = plan.REFERENCE_DATA_SEED if regime == "ref" else 0
         out = work / "data" / plan.data_name(regime, noise)
-        run.prepare_data(out, n, noise, scale.val, scale.image_size, scale.shard, seed=0)
+        run.prepare_data(out, n, noise, scale.val, scale.image_size, scale.shard, seed=seed)
 
 
 def execute(
     scale: plan.Scale, matrix: plan.Matrix, work: Path, reuse: bool, parallel: int = run.PARALLEL
-) -> tuple[list[plan.Job], float, list[float]]:
-    """Prepare data and run every job; returns (jobs, seconds, load averages seen)."""
+) -> tuple[list[plan.Job], float, int]:
+    """Prepare data and run every job; returns (jobs, seconds, how many were reused)."""
     jobs = plan.jobs(scale, matrix, work)
-    loads = [c.loadavg()]
+    reused = sum(reuse and run.finished(j) for j in jobs)
     t0 = time.perf_counter()
     _data(scale, jobs, work)
     print(f"accuracy: {len(jobs)} runs, work dir {work}", flush=True)
-    run.run_jobs(jobs, work, reuse=reuse, timeout=6 * 3600, parallel=parallel)
-    loads.append(c.loadavg())
-    return jobs, time.perf_counter() - t0, loads
+    # The reference model first: the reference arms read its export.
+    for phase in ([j for j in jobs if j.regime == "ref"], [j for j in jobs if j.regime != "ref"]):
+        run.run_jobs(phase, work, reuse=reuse, timeout=6 * 3600, parallel=parallel)
+    return jobs, time.perf_counter() - t0, reused
 
 
 def analyse_and_write(
@@ -54,10 +57,13 @@ def analyse_and_write(
     img_dir: Path,
     command: str,
     took_s: float,
+    reused: int = 0,
 ) -> dict:
-    runs = [analyse.read_run(j) for j in jobs]
-    loads = [json.loads((Path(j.run_dir) / "launch.json").read_text())["load_end"] for j in jobs]
+    runs = [analyse.read_run(j) for j in jobs if j.regime != "ref"]
+    launches = [json.loads((Path(j.run_dir) / "launch.json").read_text()) for j in jobs]
+    loads = [x["load_end"] for x in launches]
     single = [r for r in runs if r.job.world_size == 1]
+    reference = next((analyse.read_run(j) for j in jobs if j.regime == "ref"), None)
     by_setting: dict[tuple, list[analyse.Run]] = {}
     for r in single:
         by_setting.setdefault(r.job.setting, []).append(r)
@@ -89,7 +95,11 @@ def analyse_and_write(
 
     meta_line = {
         "date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
-        "took": f"{took_s / 60:.1f} min ({len(jobs)} runs)",
+        "took": f"{took_s / 60:.1f} min ({len(jobs)} runs)"
+        if not reused
+        else f"{took_s / 60:.1f} min for {len(jobs) - reused} new runs; {reused} finished runs were reused (--reuse) "
+        f"from an earlier invocation; all {len(jobs)} runs' own durations sum to "
+        f"{sum(x['seconds'] for x in launches) / 60:.0f} min ({run.PARALLEL} side by side)",
         "machine": c.machine_line(),
         "load": f"{min(loads):.1f}-{max(loads):.1f}" if loads else "not recorded",
         "runs": len(jobs),
@@ -106,6 +116,7 @@ def analyse_and_write(
         analyse.world2_check(runs),
         {"noise": noise, "groups": groups, "shares": shares},
         images,
+        reference,
     )
     (md_dir / "accuracy.md").write_text(text)
     summary = {
@@ -125,6 +136,12 @@ def main(argv: list[str] | None = None) -> dict:
         "--quick", action="store_true", help="smoke version: tiny sizes, a minute or two; numbers mean nothing"
     )
     g.add_argument("--all", action="store_true", help="the whole matrix (every arm, noise 0-60%%, rate 0.5; hours)")
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help=f"add the reference-model arms ({', '.join(plan.REFERENCE_ARMS)}) to the default matrix, and their "
+        "reference run (about 25 more minutes on 2 cores)",
+    )
     p.add_argument(
         "--out", type=Path, help="page directory (default docs/bench; plots go to OUT/img, default docs/img)"
     )
@@ -151,6 +168,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if args.no_world2_check:
         matrix = dataclasses.replace(matrix, world2_check=False)
+    if args.reference and not args.all:
+        matrix = dataclasses.replace(matrix, arms=(*matrix.arms, *plan.REFERENCE_ARMS))
+        name += ", with the reference-model arms (--reference)"
     if args.gate_only:
         work = args.work or c.WORK / "accuracy_gate"
         jobs, took, _ = execute(scale, plan.GATE_ONLY, work, args.reuse, args.parallel)
@@ -164,9 +184,10 @@ def main(argv: list[str] | None = None) -> dict:
     for d in (md_dir, img_dir, work):
         d.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.accuracy" + (" --quick" if args.quick else " --all" if args.all else "")
+    command += " --reference" if args.reference and not args.all else ""
     if args.scale:
         command += f" --scale '{args.scale}'"
-    jobs, took, _ = execute(scale, matrix, work, args.reuse, args.parallel)
-    summary = analyse_and_write(scale, matrix, name, jobs, work, md_dir, img_dir, command, took)
+    jobs, took, reused = execute(scale, matrix, work, args.reuse, args.parallel)
+    summary = analyse_and_write(scale, matrix, name, jobs, work, md_dir, img_dir, command, took, reused)
     print(f"accuracy: wrote {md_dir / 'accuracy.md'} ({took / 60:.1f} min)", flush=True)
     return summary

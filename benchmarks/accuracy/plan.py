@@ -10,6 +10,11 @@ Every selecting arm trains on the same number of backward samples: the same warm
 (a random ``rate`` share of each batch, the authors' choice, ``warmup_mode=random``)
 then ``rate`` of each batch by its own rule; ``none`` (full data) is the reference.
 Seeds are paired: seed s gives every arm the same initial weights and data order.
+
+The reference-model arms (``oracle_clipscore``, ``learnability``, ``jest``) score with a
+reference trained by dissect_ds itself on a clean, held-out split (another seed of the
+synthetic set, the size of the train set, full data, the same model and budget): the
+protocol of RHO-LOSS. It is one more run, ``reference``, done before the arms that read it.
 """
 
 from __future__ import annotations
@@ -31,7 +36,16 @@ ARMS = (
     "dissect_warmup",
     "dissect_momentum",
     "dissect_model",
+    "oracle_clipscore",
+    "learnability",
+    "jest",
 )
+REFERENCE_BASED = ("oracle_clipscore", "learnability", "jest")
+"""Arms that read the reference run's model."""
+REFERENCE_ARMS = ("oracle_clipscore", "learnability")
+"""The reference arms ``--reference`` adds to the default matrix (``--all`` also runs ``jest``)."""
+REFERENCE_RUN = "reference"
+REFERENCE_DATA_SEED = 1  # the arms' data sets use seed 0: the reference never sees their images
 DEFAULT_ARMS = ("none", "random", "small_loss", "current_score", "dissect_warmup")
 ONEPASS_ARMS = ("none", "random", "small_loss", "current_score", "dissect_model")  # the memories never hit in one pass
 RATE2_ARMS = ("random", "small_loss", "current_score", "dissect_warmup")
@@ -155,8 +169,26 @@ def data_name(regime: str, noise: float) -> str:
     return f"{regime}_n{round(noise * 100)}"
 
 
+def reference_export(work: Path) -> Path:
+    """The reference run's export directory (``local-dir:`` for open_clip)."""
+    return work / "runs" / REFERENCE_RUN / "open_clip"
+
+
+def jest_chunks(k: int) -> int:
+    """The most chunks, up to the paper's 16, that divide the k kept pairs."""
+    return max(d for d in range(1, 17) if k % d == 0)
+
+
 def overrides(
-    scale: Scale, regime: str, arm: str, seed: int, rate: float, data: Path, run_dir: Path, record: bool
+    scale: Scale,
+    regime: str,
+    arm: str,
+    seed: int,
+    rate: float,
+    data: Path,
+    run_dir: Path,
+    record: bool,
+    reference: Path | None = None,
 ) -> list[str]:
     """Every trainer key the benchmark relies on (no config file: nothing else changes it)."""
     onepass = regime == "onepass"
@@ -199,6 +231,10 @@ def overrides(
         out += ["selection.warmup_mode=random", f"selection.warmup_steps={warm}"]
         if name == "dissect_model" and onepass:
             out.append(f"selection.refresh_steps={warm}")
+        if arm in REFERENCE_BASED:
+            out.append(f"selection.reference.model=local-dir:{reference}")
+        if name == "jest":
+            out.append(f"selection.jest_chunks={jest_chunks(int(rate * scale.batch + 1e-9))}")
     return out
 
 
@@ -211,7 +247,7 @@ def jobs(scale: Scale, matrix: Matrix, work: Path) -> list[Job]:
         run_dir = work / "runs" / tag
         data = work / "data" / data_name(regime, noise)
         record = seed == matrix.seeds[0] and world == 1  # diagnostics: the first seed
-        ov = overrides(scale, regime, arm, seed, rate, data, run_dir, record)
+        ov = overrides(scale, regime, arm, seed, rate, data, run_dir, record, reference_export(work))
         steps = scale.onepass_steps if regime == "onepass" else scale.steps
         cost = steps * scale.batch * (1.0 if arm == "none" else rate + 0.35)
         out.append(Job(tag, regime, noise, rate, arm, seed, world, str(run_dir), tuple(ov), cost))
@@ -228,6 +264,11 @@ def jobs(scale: Scale, matrix: Matrix, work: Path) -> list[Job]:
         for arm in matrix.onepass_arms:
             for seed in matrix.seeds:
                 add("onepass", noise, scale.rate, arm, seed)
+    if any(a in REFERENCE_BASED for a in (*matrix.arms, *matrix.onepass_arms)):
+        data = work / "data" / data_name("ref", 0.0)
+        run_dir = work / "runs" / REFERENCE_RUN
+        ov = overrides(scale, "mem", "none", 0, 1.0, data, run_dir, record=False)
+        out.insert(0, Job(REFERENCE_RUN, "ref", 0.0, 1.0, "none", 0, 1, str(run_dir), tuple(ov), 0.0))
     if matrix.world2_check:
         arm = "dissect_warmup" if "dissect_warmup" in matrix.arms else matrix.arms[-1]
         add("mem", max(matrix.noises), scale.rate, arm, matrix.seeds[0], world=2)

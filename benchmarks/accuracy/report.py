@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from benchmarks.accuracy.analyse import ArmResult, Gate, Interval, Run
+from benchmarks.accuracy.analyse import TOP1, ArmResult, Gate, Interval, Run
 from benchmarks.accuracy.plan import Matrix, Scale
 from benchmarks.common import md_table
 
@@ -99,6 +99,7 @@ def page(
     world2: tuple[Run, Run] | None,
     diag: dict,
     images: dict[str, str],
+    reference: Run | None = None,
 ) -> str:
     spe = scale.steps_per_epoch
     se = math.sqrt(0.25 / val["n"])
@@ -139,7 +140,15 @@ def page(
         "select a random `rate` share for every arm (`selection.warmup_mode=random`, the authors' warm-up), then each "
         "arm applies its own rule. `dissect_warmup` freezes each pair's score at its last warm-up visit; "
         "`dissect_momentum` keeps an EMA (beta 0.9); `dissect_model` compares with a snapshot taken at the end of "
-        "warm-up (one pass: refreshed every warm-up length). `none` (full data) trains on every pair: the reference.",
+        "warm-up (one pass: refreshed every warm-up length). `none` (full data) trains on every pair: the reference."
+        + (
+            " The reference-model arms (`oracle_clipscore`: the reference's top scores; `learnability`: learner loss "
+            "minus reference loss; `jest`: joint chunks) score with a reference trained by dissect_ds on a clean "
+            f"held-out split ({scale.train:,} pairs of another seed, full data, the same model and budget, seed 0; "
+            f"RHO-LOSS's protocol), which reached zero-shot top-1 {reference.final.get(TOP1, math.nan):.3f}."
+            if reference is not None
+            else ""
+        ),
         f"- **Seeds and statistics.** Seeds {', '.join(map(str, matrix.seeds))}, the same for every arm and paired "
         "(seed s: the same initial weights and data order in every arm; the data set of a noise level is fixed). "
         "Each arm: mean with a two-sided 95% t interval over seeds. Differences: mean of the per-seed differences "

@@ -91,3 +91,26 @@ def test_paired_interval_matches_scipys_paired_t_test():
         assert math.isclose(d.lo, ci.low, abs_tol=1e-12) and math.isclose(d.hi, ci.high, abs_tol=1e-12)
         assert d.verdict() == expected and (test.pvalue < 0.05) == (expected != "tie")
     assert paired(a, {9: 0.5}).verdict() == "n/a" and Interval.of([0.5]).fmt() == "0.500"
+
+
+def test_reference_arms_read_a_reference_trained_first_on_held_out_clean_pairs(tmp_path):
+    """``--reference``: one extra run, ``reference`` (full data on a clean split of another
+    seed), planned first; every reference arm points at its export and keeps the budget of
+    the other selecting arms."""
+    import dataclasses
+
+    matrix = dataclasses.replace(plan.DEFAULT, arms=(*plan.DEFAULT.arms, *plan.REFERENCE_ARMS), world2_check=False)
+    jobs = plan.jobs(plan.CPU, matrix, tmp_path)
+    first, rest = jobs[0], jobs[1:]
+    assert first.name == plan.REFERENCE_RUN and first.regime == "ref" and first.arm == "none"
+    assert f"data.train={tmp_path}/data/ref_n0/train" in first.overrides
+    assert all(j.regime != "ref" for j in rest)
+    export = f"selection.reference.model=local-dir:{plan.reference_export(tmp_path)}"
+    for job in rest:
+        assert (export in job.overrides) == (job.arm in plan.REFERENCE_BASED), job.name
+    budget = {
+        o for j in rest if j.arm != "none" for o in j.overrides if o.startswith(("selection.rate", "selection.warmup"))
+    }
+    assert budget == {"selection.rate=0.3", "selection.warmup_mode=random", f"selection.warmup_steps={15 * 16}"}
+    jest = plan.overrides(plan.CPU, "mem", "jest", 0, 0.3, tmp_path, tmp_path / "r", False, tmp_path / "ref")
+    assert "selection.jest_chunks=2" in jest  # the most chunks up to 16 that divide k = 38
