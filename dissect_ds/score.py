@@ -20,9 +20,15 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dissect_ds.data.batch import Batch
+from dissect_ds.data.pipeline import shard_batches
+from dissect_ds.data.shards import Shard
 
 INFO = "info.json"
 
@@ -50,6 +56,27 @@ def load_scores(folder: str | Path, num_uids: int) -> torch.Tensor:
     return table
 
 
+class _Shards(IterableDataset):
+    """``(shard index, batch)`` for every batch of the given shards, then ``(index, None)``
+    when a shard is done; each DataLoader worker decodes whole shards."""
+
+    def __init__(self, shards: list[tuple[int, Shard]], batch_size: int, preprocess, tokenizer) -> None:
+        self.shards, self.batch_size, self.preprocess, self.tokenizer = shards, batch_size, preprocess, tokenizer
+
+    def __iter__(self) -> Iterator[tuple[int, Batch | None]]:
+        info = get_worker_info()
+        for index, shard in self.shards[info.id :: info.num_workers] if info else self.shards:
+            for batch in shard_batches(
+                shard, batch_size=self.batch_size, preprocess=self.preprocess, tokenizer=self.tokenizer
+            ):
+                yield index, batch
+            yield index, None
+
+
+def _as_is(item):
+    return item
+
+
 def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m dissect_ds.score",
@@ -61,6 +88,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="data spec, as data.train (a prepared split directory or shards)")
     p.add_argument("--output", required=True, help="output directory (created; shards already scored are skipped)")
     p.add_argument("--batch-size", type=int, default=256, help="pairs per forward (default: %(default)s)")
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=4,
+        help="data workers per process, each decoding whole shards (default: %(default)s)",
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     return p.parse_args(argv)
 
@@ -73,6 +106,8 @@ def _check(args: argparse.Namespace):
     errors = ReferenceConfig(model=args.model, pretrained=args.pretrained).validate()
     if args.batch_size <= 0:
         errors.append(f"--batch-size: must be > 0, got {args.batch_size}")
+    if args.num_workers < 0:
+        errors.append(f"--num-workers: must be >= 0, got {args.num_workers}")
     try:
         shardset = resolve(args.data, "--data")
     except SpecError as e:
@@ -95,7 +130,6 @@ def main(argv: list[str] | None = None) -> None:
     from tqdm import tqdm
 
     from dissect_ds import distributed as D
-    from dissect_ds.data.pipeline import shard_batches
     from dissect_ds.engine import device, init_distributed
     from dissect_ds.model import Features, build_model
     from dissect_ds.selection.scoring import clip_score
@@ -109,21 +143,31 @@ def main(argv: list[str] | None = None) -> None:
     mine = [i for i in range(info.rank, len(shardset.shards), info.world_size) if not shard_file(out, i).is_file()]
     # Rank 0's own shards: the others progress alike.
     bar = tqdm(total=sum(shardset.shards[i].size for i in mine), disable=not info.is_main, unit="pair", desc="score")
+    data = _Shards([(i, shardset.shards[i]) for i in mine], args.batch_size, preprocess, tokenizer)
+    workers = min(args.num_workers, len(mine))
+    pending: dict[int, tuple[list, list]] = {}
     with torch.inference_mode():
-        for i in mine:
-            uids, scores = [], []
-            for batch in shard_batches(
-                shardset.shards[i], batch_size=args.batch_size, preprocess=preprocess, tokenizer=tokenizer
-            ):
-                b = batch.to(dev)
-                image = model.encode_image(b.images, normalize=True)
-                text = model.encode_text(b.tokens, normalize=True)
-                uids.append(batch.uids)
-                scores.append(clip_score(Features(image, text, 1.0)).cpu().half())
-                bar.update(len(batch))
-            target = shard_file(out, i)
-            torch.save({"uids": torch.cat(uids), "scores": torch.cat(scores)}, target.with_suffix(".tmp"))
-            os.replace(target.with_suffix(".tmp"), target)
+        for i, batch in DataLoader(data, batch_size=None, num_workers=workers, collate_fn=_as_is):
+            uids, scores = pending.setdefault(i, ([], []))
+            if batch is None:  # the shard is done: write it whole
+                pending.pop(i)
+                target = shard_file(out, i)
+                empty = torch.zeros(0)
+                torch.save(
+                    {
+                        "uids": torch.cat(uids) if uids else empty.long(),
+                        "scores": torch.cat(scores) if scores else empty.half(),
+                    },
+                    target.with_suffix(".tmp"),
+                )
+                os.replace(target.with_suffix(".tmp"), target)
+                continue
+            b = batch.to(dev)
+            image = model.encode_image(b.images, normalize=True)
+            text = model.encode_text(b.tokens, normalize=True)
+            uids.append(batch.uids)
+            scores.append(clip_score(Features(image, text, 1.0)).cpu().half())
+            bar.update(len(batch))
     bar.close()
     D.barrier()
     if info.is_main:

@@ -327,12 +327,11 @@ class OracleClipScore(_Reference):
     ``python -m dissect_ds.score`` and the reference never runs (a uid without a score ranks last)."""
 
     name = "oracle_clipscore"
+    reads_scores = True
 
     @classmethod
     def needs_reference(cls, cfg: SelectionConfig) -> bool:
         return cfg.reference.scores is None
-
-    reads_scores = True
 
     def start(self, num_uids: int, device: torch.device) -> None:
         from dissect_ds.score import load_scores
