@@ -165,6 +165,33 @@ def test_batches_have_the_contract_shapes_and_select(synth: Path) -> None:
     assert moved.ref_images is None and Batch.cat([sub, sub]).uids.tolist() == sub.uids.tolist() * 2
 
 
+def test_a_reference_with_other_inputs_gets_its_own_view_of_the_same_pairs(synth: Path) -> None:
+    """A reference model of another image size and tokenizer: the workers decode each image
+    once and add the reference's (deterministic) view and tokens; selecting rows keeps them
+    aligned with the learner's."""
+    other = T.Compose([T.Resize((24, 24)), T.PILToTensor()])
+    from dissect_ds.model import build_model
+
+    *_, short = build_model("dissect-tiny-vit")  # its tokenizer: context length 32, not 77
+    b = next(iter(_stream(_cfg(synth, num_workers=0), bs=12, reference=(other, short))))
+    assert b.ref_images.shape == (12, 3, 24, 24) and b.ref_images.dtype == torch.uint8
+    assert b.ref_tokens.shape == (12, 32) and torch.equal(b.ref_tokens[:, :8], b.tokens[:, :8])
+    samples = {s["json"]["uid"]: s for s in _decoded(synth / "train")}
+    for row in (0, 7):
+        want = other(samples[int(b.uids[row])]["png"].convert("RGB"))
+        assert torch.equal(b.ref_images[row], want)
+    view = b.select(torch.tensor([7, 0])).reference_view()
+    assert torch.equal(view.images, b.ref_images[[7, 0]]) and torch.equal(view.uids, b.uids[[7, 0]])
+    with pytest.raises(ValueError, match="no reference inputs"):
+        Batch(b.images, b.tokens, b.uids).reference_view()
+
+
+def _decoded(split: Path) -> list[dict]:
+    import webdataset as wds
+
+    return list(wds.WebDataset(sorted(str(p) for p in split.glob("*.tar")), shardshuffle=False).decode("pil"))
+
+
 def test_order_is_a_function_of_the_seed(synth: Path) -> None:
     cfg = _cfg(synth, num_workers=0)
     a = list(islice(_stream(cfg, seed=5), 3))
