@@ -19,6 +19,9 @@ COLORS = {
     "dissect_warmup": "tab:green",
     "dissect_momentum": "tab:olive",
     "dissect_model": "tab:purple",
+    "oracle_clipscore": "tab:cyan",
+    "learnability": "tab:brown",
+    "jest": "tab:pink",
 }
 
 
