@@ -19,6 +19,7 @@ from dissect_ds.selection.scoring import batch_logits, gumbel, loss_increase, ra
 from dissect_ds.selection.testing import FakeBatch, FakeClip, FakeReference
 
 N, B, SEED = 40, 12, 7
+ONE_PROCESS = dict(rank=0, world_size=1, device="cpu", seed=SEED, steps_per_epoch=3, run_dir=None, make_historical=None)
 
 
 def noisy_of(uids: torch.Tensor) -> torch.Tensor:
@@ -33,18 +34,7 @@ def make(strategy: str, tmp_path, **kw) -> tuple[Selector, FakeClip, FakeReferen
     )
     learner = FakeClip(N, noisy=noisy_of(torch.arange(N)))
     reference = FakeReference(FakeClip(N, dim=8, seed=3, noisy=noisy_of(torch.arange(N)), logit_scale=30.0), 2.0)
-    selector = Selector(
-        cfg,
-        num_uids=N,
-        rank=0,
-        world_size=1,
-        device="cpu",
-        seed=SEED,
-        steps_per_epoch=3,
-        run_dir=None,
-        make_historical=None,
-        make_reference=lambda: reference,
-    )
+    selector = Selector(cfg, num_uids=N, **ONE_PROCESS, make_reference=lambda: reference)
     return selector, learner, reference
 
 
@@ -179,8 +169,7 @@ def test_oracle_clipscore_reads_precomputed_scores_without_a_reference_model(tmp
     torch.save({"uids": keep, "scores": scores[keep]}, tmp_path / "shard-000001.pt")
     (tmp_path / "info.json").write_text(json.dumps({"num_uids": N}))
     cfg = SelectionConfig(strategy="oracle_clipscore", rate=0.5, reference=ReferenceConfig(scores=str(tmp_path)))
-    args = dict(rank=0, world_size=1, device="cpu", seed=SEED, steps_per_epoch=3, run_dir=None, make_historical=None)
-    selector = Selector(cfg, num_uids=N, **args)  # no make_reference: running it would raise
+    selector = Selector(cfg, num_uids=N, **ONE_PROCESS)  # no make_reference: running it would raise
     table = scores.float().clone()
     table[missing] = -1.0
     for step in range(3):
@@ -188,7 +177,7 @@ def test_oracle_clipscore_reads_precomputed_scores_without_a_reference_model(tmp
         sel = selector.select(step, FakeBatch(uids), FakeClip(N).encode)
         assert sel.mask.tolist() == top_k(table[uids].tolist(), uids, step, B // 2)
     with pytest.raises(ValueError, match="selection.reference.scores"):
-        Selector(cfg, num_uids=N + 1, **args)
+        Selector(cfg, num_uids=N + 1, **ONE_PROCESS)
     assert validate(SelectionConfig(strategy="learnability", reference=ReferenceConfig(scores=str(tmp_path))))[
         0
     ].startswith("selection.reference.scores: only oracle_clipscore")
