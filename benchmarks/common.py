@@ -63,6 +63,11 @@ class Spread:
         return all(math.isfinite(x) and x > 0 for x in (self.lo, self.mid, self.hi))
 
 
+def jest_chunks(k: int) -> int:
+    """``selection.jest_chunks`` for k kept pairs: the most chunks, up to the paper's 16, that divide k."""
+    return max(d for d in range(1, 17) if k % d == 0)
+
+
 def median(values: Iterable[float]) -> float:
     v = list(values)
     if not v:

@@ -108,16 +108,11 @@ def _dir(run_name: str) -> str:
     return run_name.replace("@", "_at_")
 
 
-def jest_chunks(k: int) -> int:
-    """The most chunks, up to the paper's 16, that divide k."""
-    return max(d for d in range(1, 17) if k % d == 0)
-
-
 def reference_overrides(strategy: str, reference: Path, k: int) -> list[str]:
     if strategy not in REFERENCE_FORWARDS:
         return []
     out = [f"selection.reference.model={REFERENCE_MODEL}", f"selection.reference.pretrained={reference}"]
-    return out + ([f"selection.jest_chunks={jest_chunks(k)}"] if strategy == "jest" else [])
+    return out + ([f"selection.jest_chunks={c.jest_chunks(k)}"] if strategy == "jest" else [])
 
 
 def plan(s: Setup, data: Path, out: Path, repeat: int, reference: Path) -> list[dict]:

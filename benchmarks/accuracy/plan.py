@@ -23,6 +23,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.common import jest_chunks
+
 NOISES = (0.0, 0.2, 0.4, 0.6)
 SEEDS = (0, 1, 2, 3, 4)
 # Registry names, old name accepted: the current-score (CLIPScore) strategy was renamed.
@@ -40,8 +42,6 @@ ARMS = (
     "learnability",
     "jest",
 )
-REFERENCE_BASED = ("oracle_clipscore", "learnability", "jest")
-"""Arms that read the reference run's model."""
 REFERENCE_ARMS = ("oracle_clipscore", "learnability")
 """The reference arms ``--reference`` adds to the default matrix (``--all`` also runs ``jest``)."""
 REFERENCE_RUN = "reference"
@@ -60,6 +60,13 @@ def strategy(arm: str) -> str:
     if ALIASES.get(arm) in STRATEGIES:
         return ALIASES[arm]
     raise ValueError(f"strategy {arm!r} is not in the registry ({', '.join(STRATEGIES)})")
+
+
+def reads_reference(arm: str) -> bool:
+    """Whether ``arm`` scores with the reference run's model (the registry says)."""
+    from dissect_ds.selection.strategies import STRATEGIES
+
+    return STRATEGIES[strategy(arm)].reference_based
 
 
 @dataclass(frozen=True)
@@ -174,11 +181,6 @@ def reference_export(work: Path) -> Path:
     return work / "runs" / REFERENCE_RUN / "open_clip"
 
 
-def jest_chunks(k: int) -> int:
-    """The most chunks, up to the paper's 16, that divide the k kept pairs."""
-    return max(d for d in range(1, 17) if k % d == 0)
-
-
 def overrides(
     scale: Scale,
     regime: str,
@@ -231,10 +233,12 @@ def overrides(
         out += ["selection.warmup_mode=random", f"selection.warmup_steps={warm}"]
         if name == "dissect_model" and onepass:
             out.append(f"selection.refresh_steps={warm}")
-        if arm in REFERENCE_BASED:
+        if reads_reference(arm):
             out.append(f"selection.reference.model=local-dir:{reference}")
         if name == "jest":
-            out.append(f"selection.jest_chunks={jest_chunks(int(rate * scale.batch + 1e-9))}")
+            from dissect_ds.selection.selector import kept_count
+
+            out.append(f"selection.jest_chunks={jest_chunks(kept_count(rate, scale.batch))}")
     return out
 
 
@@ -264,7 +268,7 @@ def jobs(scale: Scale, matrix: Matrix, work: Path) -> list[Job]:
         for arm in matrix.onepass_arms:
             for seed in matrix.seeds:
                 add("onepass", noise, scale.rate, arm, seed)
-    if any(a in REFERENCE_BASED for a in (*matrix.arms, *matrix.onepass_arms)):
+    if any(reads_reference(a) for a in (*matrix.arms, *matrix.onepass_arms)):
         data = work / "data" / data_name("ref", 0.0)
         run_dir = work / "runs" / REFERENCE_RUN
         ov = overrides(scale, "mem", "none", 0, 1.0, data, run_dir, record=False)

@@ -107,7 +107,7 @@ def test_reference_arms_read_a_reference_trained_first_on_held_out_clean_pairs(t
     assert all(j.regime != "ref" for j in rest)
     export = f"selection.reference.model=local-dir:{plan.reference_export(tmp_path)}"
     for job in rest:
-        assert (export in job.overrides) == (job.arm in plan.REFERENCE_BASED), job.name
+        assert (export in job.overrides) == (job.arm in plan.REFERENCE_ARMS), job.name
     budget = {
         o for j in rest if j.arm != "none" for o in j.overrides if o.startswith(("selection.rate", "selection.warmup"))
     }
