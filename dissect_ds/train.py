@@ -146,7 +146,7 @@ class Trainer:
             steps_per_epoch=self.steps_per_epoch,
             run_dir=str(self.run_dir),
             make_historical=self.engine.historical_model,
-            make_reference=lambda: self.reference,
+            reference=self.reference,
         )
         self.state = TrainState()
         self.checkpoints = ckpt.Checkpoints(cfg, info.rank, info.world_size)

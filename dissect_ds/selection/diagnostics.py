@@ -200,8 +200,9 @@ class Recorder:
         lines = []
         for i in range(n):
             row = {"step": sb.step, "micro": i // sb.micro_size, "uid": cols["uid"][i], "current": cols["current"][i]}
-            row.update(historical=cols["historical"][i], differential=cols["differential"][i])
-            row["reference"] = cols["reference"][i]
+            row.update(
+                historical=cols["historical"][i], differential=cols["differential"][i], reference=cols["reference"][i]
+            )
             row["selected"] = cols["selected"][i]
             if cols["noisy"][i] >= 0:
                 row["noisy"] = bool(cols["noisy"][i])

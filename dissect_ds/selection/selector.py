@@ -93,8 +93,8 @@ class Selector:
     :meth:`after_step` once per optimizer step, :meth:`state_dict` and
     :meth:`load_state_dict` together. ``make_historical``
     (collective) builds the host-resident historical model, lazily, for ``dissect_model``
-    and ``shadow``; ``make_reference`` (collective) returns the pretrained reference model
-    of the reference-based strategies, called once, when it is first needed.
+    and ``shadow``; ``reference`` is the pretrained reference model of the reference-based
+    strategies (the trainer loads it at start-up).
     """
 
     def __init__(
@@ -109,11 +109,13 @@ class Selector:
         steps_per_epoch: int,
         run_dir: str | None,
         make_historical: Callable[[], HistoricalModel] | None,
-        make_reference: Callable[[], ReferenceModel] | None = None,
+        reference: ReferenceModel | None = None,
     ) -> None:
         errors = validate(cfg)
         if errors:
             raise ValueError("invalid selection config:\n" + "\n".join(errors))
+        if reference is None and strategy_class(cfg.strategy).needs_reference(cfg):
+            raise ValueError(f"selection.strategy {cfg.strategy} needs a reference model: pass reference")
         if num_uids <= 0:
             raise ValueError(f"Selector: num_uids must be > 0, got {num_uids}")
         self.cfg, self.num_uids, self.rank, self.world_size = cfg, int(num_uids), int(rank), int(world_size)
@@ -138,7 +140,7 @@ class Selector:
         self.memory = memory
         self.strategy = cls(cfg, memory, snapshot)
         self.strategy.start(self.num_uids, self.device)
-        self.make_reference, self.reference = make_reference, None
+        self.reference = reference
         self.shadow = None
         if cfg.shadow:
             at = cfg.shadow_step if cfg.shadow_step >= 0 else self.warmup_length - 1
@@ -171,7 +173,7 @@ class Selector:
         if strategy.needs_current(in_warmup) or with_loss or self.shadow is not None:
             feats = self._timed(lambda: encode(batch), timings, "time/score")
         if strategy.needs_reference_scores(in_warmup):
-            ref_feats = self._timed(lambda: self._reference_model().encode(batch), timings, "time/score_ref")
+            ref_feats = self._timed(lambda: self.reference.encode(batch), timings, "time/score_ref")
         sb = self._gather_batch(step, micro_size or max(1, len(batch)), in_warmup, batch, feats, ref_feats)
         sb.timings.update(timings)
         if with_loss:
@@ -219,13 +221,6 @@ class Selector:
         sync(self.device)
         timings[key] = time.perf_counter() - t0
         return out
-
-    def _reference_model(self) -> ReferenceModel:
-        if self.reference is None:
-            if self.make_reference is None:
-                raise ValueError(f"selection.strategy {self.cfg.strategy} needs a reference model: pass make_reference")
-            self.reference = self.make_reference()
-        return self.reference
 
     def _gather_batch(
         self, step: int, micro_size: int, in_warmup: bool, batch, feats: Features | None, ref_feats: Features | None

@@ -108,7 +108,7 @@ def build(name: str, rank: int, world: int, run_dir: str) -> tuple[Selector, Fak
         steps_per_epoch=4,
         run_dir=os.path.join(run_dir, f"W{world}", name),
         make_historical=make_historical,
-        make_reference=lambda: reference,
+        reference=reference,
     )
     return selector, model, hists
 

@@ -34,7 +34,7 @@ def make(strategy: str, tmp_path, **kw) -> tuple[Selector, FakeClip, FakeReferen
     )
     learner = FakeClip(N, noisy=noisy_of(torch.arange(N)))
     reference = FakeReference(FakeClip(N, dim=8, seed=3, noisy=noisy_of(torch.arange(N)), logit_scale=30.0), 2.0)
-    selector = Selector(cfg, num_uids=N, **ONE_PROCESS, make_reference=lambda: reference)
+    selector = Selector(cfg, num_uids=N, **ONE_PROCESS, reference=reference)
     return selector, learner, reference
 
 
@@ -169,7 +169,7 @@ def test_oracle_clipscore_reads_precomputed_scores_without_a_reference_model(tmp
     torch.save({"uids": keep, "scores": scores[keep]}, tmp_path / "shard-000001.pt")
     (tmp_path / "info.json").write_text(json.dumps({"num_uids": N}))
     cfg = SelectionConfig(strategy="oracle_clipscore", rate=0.5, reference=ReferenceConfig(scores=str(tmp_path)))
-    selector = Selector(cfg, num_uids=N, **ONE_PROCESS)  # no make_reference: running it would raise
+    selector = Selector(cfg, num_uids=N, **ONE_PROCESS)  # no reference model: none is needed
     table = scores.float().clone()
     table[missing] = -1.0
     for step in range(3):
