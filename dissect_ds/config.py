@@ -298,11 +298,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                 f"selection.rate: {cfg.selection.rate} keeps {kept} pairs of each step, fewer than its "
                 f"train.grad_accum ({t.grad_accum}) micro-batches; raise the rate or lower grad_accum"
             )
-    sel = cfg.selection
-    if sel.strategy == "jest" and kept_count(sel.rate, t.batch_size) % max(1, sel.jest_chunks):
+    sel, k = cfg.selection, kept_count(cfg.selection.rate, t.batch_size)
+    if sel.strategy == "jest" and k % max(1, sel.jest_chunks):
         raise ConfigError(
-            f"selection.jest_chunks: {sel.jest_chunks} does not divide the {kept_count(sel.rate, t.batch_size)} "
-            f"pairs kept of each batch of {t.batch_size} (selection.rate {sel.rate})"
+            f"selection.jest_chunks: {sel.jest_chunks} does not divide the {k} pairs kept of each batch of "
+            f"{t.batch_size} (selection.rate {sel.rate})"
         )
     if not model_exists(cfg.model.name):
         raise ConfigError(f"model.name: unknown model '{cfg.model.name}' (see `python -m dissect_ds.model --list`)")
