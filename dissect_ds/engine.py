@@ -307,7 +307,12 @@ class Engine:
         """Collective: True when every rank's (partition of the) weights is finite."""
         ok = True
         for p in self.ds.module.parameters():
-            local = getattr(p, "ds_tensor", p)  # ZeRO-3 keeps this rank's partition in ds_tensor
+            local = getattr(p, "ds_tensor", None)  # ZeRO-3 keeps this rank's partition in ds_tensor ...
+            if local is None:
+                local = p
+            else:  # ... padded at the end to a common size, padding that DeepSpeed never writes
+                start = local.numel() * deepspeed.comm.get_rank(group=p.ds_process_group)
+                local = local[: max(0, min(local.numel(), p.ds_numel - start))]
             if local.numel() and not torch.isfinite(local).all():
                 ok = False
                 break
