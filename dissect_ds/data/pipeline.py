@@ -624,7 +624,8 @@ def build_train_stream(
         shardset,
         layout,
         batch_size=batch_size,
-        decoder=_Decoder(preprocess, seed, draft_size, reference[0] if reference else None),
+        # Without augmentation the transform draws nothing: no RNG to seed per sample.
+        decoder=_Decoder(preprocess, seed if cfg.augment else None, draft_size, reference[0] if reference else None),
         collate=_Collate(tokenizer, reference[1] if reference else None),
         loader_workers=0 if cfg.num_workers == 0 else workers,
         positions=positions,
