@@ -103,10 +103,10 @@ class Scale:
         return self.onepass_train // self.batch
 
 
-# Calibrated on the 2-core machine with one torch thread per run: full data at 0% noise
-# reached zero-shot top-1 0.44-0.52 at 40 epochs (seeds 0-3; too far apart for the gate)
-# and 0.53-0.55 at 60 epochs on the two slowest of them; a full-data run trains for about
-# 140 s, the default matrix takes about 35 minutes.
+# Calibrated on the 2-core machine with one torch thread per run (docs/method_findings.md):
+# full data at 0% noise, seeds 0-4, spread over 0.136 at 48 epochs, 0.051 at 60 and 0.032 at
+# 80 (the gate wants 0.03). At 60 epochs a full-data run trains for about 190 s and the
+# default matrix takes about 55 minutes; 80 epochs would take a third longer.
 CPU = Scale(
     model="dissect-bench-vit",
     image_size=24,
