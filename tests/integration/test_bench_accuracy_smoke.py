@@ -55,12 +55,28 @@ def test_quick_accuracy_benchmark_writes_page_verdicts_and_plots(tmp_path):
     _check_page(tmp_path, tmp_path / "work")
     # Run again from scratch: fixed seeds, the same accuracies, so the same verdicts and
     # differences (only the wall-clock column may differ; the 2-rank check is not in them).
-    again = accuracy.main(["--quick", "--no-world2-check", "--out", str(tmp_path / "again")])
+    # Redone: one run of each kind (full data with the shadow, random, DISSect's history,
+    # the one-pass snapshot model); the others are reused (--reuse), so the whole matrix is
+    # not paid twice.
+    work = tmp_path / "work"
+    jobs = {j.name: j for j in plan.jobs(plan.QUICK, plan.QUICK_MATRIX, work)}
+    redo = (
+        "mem_n40_r30_none_s0",
+        "mem_n40_r30_random_s1",
+        "mem_n40_r30_dissect_warmup_s0",
+        "onepass_n40_r30_dissect_model_s1",
+    )
+    before = {name: (Path(jobs[name].run_dir) / "eval.json").read_text() for name in redo}
+    for name in redo:
+        (Path(jobs[name].run_dir) / "eval.json").unlink()
+    again = accuracy.main(
+        ["--quick", "--no-world2-check", "--reuse", "--work", str(work), "--out", str(tmp_path / "again")]
+    )
+    assert {name: (Path(jobs[name].run_dir) / "eval.json").read_text() for name in redo} == before
     assert [row[:6] for row in again["verdicts"]] == [row[:6] for row in first["verdicts"]]
     assert again["gate"] == first["gate"]
     # --reuse keeps every finished run of the same job.
-    jobs = plan.jobs(plan.QUICK, plan.QUICK_MATRIX, tmp_path / "work")
-    assert jobs and all(run.finished(j) for j in jobs)
+    assert jobs and all(run.finished(j) for j in jobs.values())
     # --gate-only runs the gate's runs alone (here reusing seeds 0-1) and writes no page.
     gate = accuracy.main(
         ["--quick", "--gate-only", "--reuse", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "g")]
