@@ -143,6 +143,14 @@ def main(argv: list[str] | None = None) -> dict:
         "reference run (about 25 more minutes on 2 cores)",
     )
     p.add_argument(
+        "--arms",
+        type=lambda v: tuple(a for a in v.split(",") if a),
+        default=(),
+        metavar="A,B",
+        help="add these strategies (registry names) to the default matrix, e.g. dissect_momentum,dissect_model "
+        "(about 12 minutes per arm on 2 cores)",
+    )
+    p.add_argument(
         "--out", type=Path, help="page directory (default docs/bench; plots go to OUT/img, default docs/img)"
     )
     p.add_argument("--work", type=Path, help="data and runs (default runs/bench/accuracy, or OUT/work with --out)")
@@ -171,6 +179,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.reference and not args.all:
         matrix = dataclasses.replace(matrix, arms=(*matrix.arms, *plan.REFERENCE_ARMS))
         name += ", with the reference-model arms (--reference)"
+    extra = tuple(a for a in args.arms if a not in matrix.arms)
+    for arm in extra:
+        try:
+            plan.strategy(arm)
+        except ValueError as e:
+            p.error(f"--arms: {e}")
+    if extra:
+        matrix = dataclasses.replace(matrix, arms=(*matrix.arms, *extra))
+        name += f", with {', '.join(extra)} (--arms)"
     if args.gate_only:
         work = args.work or c.WORK / "accuracy_gate"
         jobs, took, _ = execute(scale, plan.GATE_ONLY, work, args.reuse, args.parallel)
@@ -185,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
         d.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.accuracy" + (" --quick" if args.quick else " --all" if args.all else "")
     command += " --reference" if args.reference and not args.all else ""
+    command += f" --arms {','.join(extra)}" if extra else ""
     if args.scale:
         command += f" --scale '{args.scale}'"
     jobs, took, reused = execute(scale, matrix, work, args.reuse, args.parallel)
