@@ -62,6 +62,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables
     grad_accum: int = 1
     max_logit_scale: float = 100.0
+    tf32: bool = True  # fp32 matrix products in TF32 on NVIDIA GPUs (Ampere and later); no effect on CPU
 
 
 @dataclass

@@ -219,6 +219,9 @@ class Engine:
 
     def __init__(self, cfg: Config, info: D.DistInfo):
         self.cfg, self.info = cfg, info
+        # PyTorch keeps fp32 matrix products in full fp32 by default; open_clip_train turns TF32
+        # on for every CUDA run (tensor cores: several times the fp32 rate on Ampere and later).
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.tf32
         model, self.preprocess_train, self.preprocess_val, self.tokenizer = build_model(
             cfg.model.name,
             cfg.model.pretrained,

@@ -3,6 +3,7 @@ patch dropout acts in training mode only, so scoring and evaluation see every pa
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dissect_ds.loss import contrastive_loss
@@ -88,3 +89,31 @@ def test_uint8_transform_then_device_normalize_equals_open_clips_transform():
         torch.testing.assert_close(normalize(small[None])[0], ref, rtol=0, atol=1e-5)
         assert torch.equal(normalize(ref[None])[0], ref)  # float images pass unchanged
     assert split_normalize(len) == (len, None)  # not open_clip's shape: left alone
+
+
+def _tf32_flags(rank: int, world: int, data: str) -> list[tuple[bool, bool]]:
+    """PyTorch's TF32 switches after building an engine with train.tf32 = true, then false."""
+    import os
+    from pathlib import Path
+
+    from dissect_ds import config as C
+    from dissect_ds.engine import Engine, init_distributed
+
+    os.environ.update(LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    debug = str(Path(__file__).resolve().parents[2] / "configs/debug.yaml")
+    out = []
+    for on in ("true", "false"):
+        overrides = [f"data.train={data}/train", "data.val=null", "deepspeed.zero_stage=0", f"train.tf32={on}"]
+        Engine(C.load(debug, overrides, world), init_distributed())
+        out.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+    return out
+
+
+@pytest.mark.slow  # spawns a gloo rank
+def test_tf32_switch_sets_pytorchs_matmul_and_cudnn_flags(tmp_path):
+    from dissect_ds.data.synthetic import write_synthetic
+    from tests.multiproc import run_ranks
+
+    write_synthetic(str(tmp_path), num_samples=16, noise_rate=0.0, seed=0, val_samples=0, shard_size=16, progress=False)
+    [flags] = run_ranks(_tf32_flags, 1, str(tmp_path))
+    assert flags == [(True, True), (False, False)]
