@@ -87,7 +87,7 @@ def test_quick_accuracy_benchmark_writes_page_verdicts_and_plots(tmp_path):
 
 
 def test_gpu_bench_script_runs_with_its_tiny_setting(tmp_path):
-    env = dict(os.environ, TINY="1", OUT=str(tmp_path), PY=sys.executable)
+    env = dict(os.environ, TINY="1", GPU_BENCH_DIR=str(tmp_path), PY=sys.executable)
     proc = subprocess.run(["bash", "scripts/gpu_bench.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     _check_page(tmp_path, tmp_path / "work", world2=False)  # one GPU: no 2-rank check, as at GPU scale

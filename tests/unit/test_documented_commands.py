@@ -7,7 +7,8 @@ this test knows how to check, so a new documented command cannot slip in uncheck
   and the training command it starts passes ``python -m dissect_ds.train ... --check`` at the
   launch's world size (the documented data paths are the user's, so the synthetic set stands in);
 - ``python -m M ...``: M's argparse parser accepts the arguments (``dissect_ds.train`` as above);
-- ``sbatch [options] S`` and ``scripts/*.sh``: the script exists and ``bash -n`` accepts it;
+- ``sbatch [options] S``, ``bash S`` and ``scripts/*.sh``: the script exists and ``bash -n`` accepts it;
+- ``python3 -m pip CMD ...``: pip's parser for CMD accepts the options (nothing is installed);
 - ``tensorboard``: the venv provides it.
 An argument list elided with ``...`` is checked up to the launcher. Blocks tagged ``text`` or a
 language (yaml, json) are not commands.
@@ -128,6 +129,10 @@ def _check_python(words: list[str], world: int, data: Path, tmp: Path, monkeypat
     module, args = words[2], words[3:]
     if module == "dissect_ds.train":
         _check_train(args, world, data, tmp, monkeypatch)
+    elif module == "pip":  # pip's own option parser (optparse), without installing anything
+        from pip._internal.commands import create_command
+
+        create_command(args[0]).parse_args(args[1:])
     else:
         _parses(module, [a for a in args if a != "..."], monkeypatch)
 
@@ -161,7 +166,7 @@ def test_documented_command(where, command, data, tmp_path, monkeypatch):
         _check_python(words[3:], int(words[2]), data, tmp_path, monkeypatch)
     elif tool in ("python", "python3", ".venv/bin/python"):
         _check_python(words, 1, data, tmp_path, monkeypatch)
-    elif tool == "sbatch" or tool.startswith("scripts/"):
+    elif tool in ("sbatch", "bash") or tool.startswith("scripts/"):
         script = tool if tool.startswith("scripts/") else next(w for w in words[1:] if not w.startswith("-"))
         assert (ROOT / script).is_file(), f"{where}: no script {script}"
         assert subprocess.run(["bash", "-n", str(ROOT / script)]).returncode == 0
