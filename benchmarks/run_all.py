@@ -57,12 +57,13 @@ def rebase_links(text: str, src_dir: Path, dst_dir: Path) -> str:
     return _LINK.sub(fix, text)
 
 
-def header(took: str = "", only: tuple[str, ...] = PARTS) -> str:
+def header(took: str = "", only: tuple[str, ...] = PARTS, command: str = "") -> str:
     when = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
+    command = command or f"python -m benchmarks.run_all --only {','.join(only)}"
     how = (
         f"Generated on {when} by `make bench`"
         if set(only) >= set(PARTS)
-        else f"Updated on {when} by `python -m benchmarks.run_all --only {','.join(only)}` (the other sections "
+        else f"Updated on {when} by `{command}` (the other sections "
         "are from earlier runs and carry their own dates); the whole page comes from `make bench`"
     )
     return "\n".join(
@@ -89,9 +90,10 @@ def demote_headings(text: str) -> str:
     return "\n".join(lines)
 
 
-def assemble(out: Path, took: str = "", only: tuple[str, ...] = PARTS) -> Path:
-    """Write ``out/benchmarks.md`` from the header and whichever parts exist."""
-    parts = [header(took, only)]
+def assemble(out: Path, took: str = "", only: tuple[str, ...] = PARTS, command: str = "") -> Path:
+    """Write ``out/benchmarks.md`` from the header and whichever parts exist (``command``: what
+    updated them, when not run_all)."""
+    parts = [header(took, only, command)]
     for path in (out / "bench" / "perf.md", out / "bench" / "accuracy.md"):
         if path.exists():
             text = rebase_links(path.read_text().strip(), path.parent, out)

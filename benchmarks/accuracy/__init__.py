@@ -58,6 +58,7 @@ def analyse_and_write(
     command: str,
     took_s: float,
     reused: int = 0,
+    parallel: int = run.PARALLEL,
 ) -> dict:
     runs = [analyse.read_run(j) for j in jobs if j.regime != "ref"]
     launches = [json.loads((Path(j.run_dir) / "launch.json").read_text()) for j in jobs]
@@ -99,8 +100,11 @@ def analyse_and_write(
         if not reused
         else f"{took_s / 60:.1f} min for {len(jobs) - reused} new runs; {reused} finished runs were reused (--reuse) "
         f"from an earlier invocation; all {len(jobs)} runs' own durations sum to "
-        f"{sum(x['seconds'] for x in launches) / 60:.0f} min ({run.PARALLEL} side by side)",
+        f"{sum(x['seconds'] for x in launches) / 60:.0f} min ({parallel} side by side)",
         "machine": c.machine_line(),
+        "cores": c.cores(),
+        "gpu": c.gpu_names() != "none",
+        "parallel": parallel,
         "load": f"{min(loads):.1f}-{max(loads):.1f}" if loads else "not recorded",
         "runs": len(jobs),
     }
@@ -206,6 +210,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.scale:
         command += f" --scale '{args.scale}'"
     jobs, took, reused = execute(scale, matrix, work, args.reuse, args.parallel)
-    summary = analyse_and_write(scale, matrix, name, jobs, work, md_dir, img_dir, command, took, reused)
+    summary = analyse_and_write(scale, matrix, name, jobs, work, md_dir, img_dir, command, took, reused, args.parallel)
     print(f"accuracy: wrote {md_dir / 'accuracy.md'} ({took / 60:.1f} min)", flush=True)
+    if md_dir.resolve() == (c.DOCS / "bench").resolve() and not args.scale:  # the repository's page
+        from benchmarks import run_all
+
+        page = run_all.assemble(c.DOCS, f"{took / 60:.1f} min (accuracy)", ("accuracy",), command)
+        print(f"accuracy: updated {page}", flush=True)
     return summary

@@ -33,7 +33,7 @@ def prepare_data(out: Path, num_samples: int, noise: float, val: int, image_size
         return out
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [str(c.BIN / "python"), "-m", "dissect_ds.prepare", "synthetic", "--num-samples", str(num_samples)]
+    cmd = [sys.executable, "-m", "dissect_ds.prepare", "synthetic", "--num-samples", str(num_samples)]
     cmd += ["--noise-rate", str(noise), "--seed", str(seed), "--val-samples", str(val)]
     cmd += ["--image-size", str(image_size), "--shard-size", str(shard), "--output", str(tmp)]
     c.run(cmd, out.parent / "logs" / f"prepare_{out.name}.log", timeout=1800)
@@ -59,6 +59,8 @@ def run_jobs(jobs: list[Job], work: Path, reuse: bool, timeout: float, parallel:
     single = [j for j in todo if j.world_size == 1]
     # Longest first, dealt round-robin: the workers end at about the same time.
     single.sort(key=lambda j: -j.cost)
+    for j in single:  # a run being redone does not count as finished until it is
+        (Path(j.run_dir) / "job.json").unlink(missing_ok=True)
     shares = [single[i::parallel] for i in range(parallel)]
     procs = []
     for i, share in enumerate(s for s in shares if s):
@@ -66,21 +68,28 @@ def run_jobs(jobs: list[Job], work: Path, reuse: bool, timeout: float, parallel:
         spec.parent.mkdir(parents=True, exist_ok=True)
         spec.write_text(json.dumps([asdict(j) for j in share]))
         log = work / "logs" / f"worker{i}.log"
-        cmd = [str(c.BIN / "python"), "-m", "benchmarks.accuracy.run", str(spec)]
+        cmd = [sys.executable, "-m", "benchmarks.accuracy.run", str(spec)]
         with log.open("w") as f:
             procs.append(
                 (log, subprocess.Popen(cmd, cwd=c.ROOT, env=c.bench_env(), stdout=f, stderr=subprocess.STDOUT))
             )
     try:
-        t0 = time.perf_counter()
-        for log, proc in procs:
-            left = max(1.0, timeout - (time.perf_counter() - t0))
-            try:
-                rc = proc.wait(timeout=left)
-            except Exception:
-                raise c.BenchError(f"worker timed out after {timeout:.0f} s\n{c.tail(log)}") from None
-            if rc != 0:
-                raise c.BenchError(f"worker exit {rc}, log {log}:\n{c.tail(log)}")
+        # The first failing worker stops the benchmark at once (the others are killed below).
+        t0, running, done = time.perf_counter(), list(procs), 0
+        while running:
+            time.sleep(2)
+            for log, proc in list(running):
+                rc = proc.poll()
+                if rc is not None and rc != 0:
+                    raise c.BenchError(f"worker exit {rc}, log {log}:\n{c.tail(log)}")
+                if rc == 0:
+                    running.remove((log, proc))
+            if time.perf_counter() - t0 > timeout:
+                raise c.BenchError(f"worker timed out after {timeout:.0f} s\n{c.tail(running[0][0])}")
+            now = sum(finished(j) for j in single)
+            if now != done:
+                done = now
+                print(f"  {done}/{len(single)} runs finished ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
     finally:
         for _, proc in procs:
             if proc.poll() is None:

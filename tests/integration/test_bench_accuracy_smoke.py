@@ -130,3 +130,22 @@ def test_reference_arms_read_a_reference_trained_first_on_held_out_clean_pairs(t
     assert budget == {"selection.rate=0.3", "selection.warmup_mode=random", f"selection.warmup_steps={15 * 16}"}
     jest = plan.overrides(plan.CPU, "mem", "jest", 0, 0.3, tmp_path, tmp_path / "r", False, tmp_path / "ref")
     assert "selection.jest_chunks=2" in jest  # the most chunks up to 16 that divide k = 38
+
+
+def test_a_failing_run_stops_the_benchmark_before_the_others_finish(tmp_path):
+    """A worker that fails ends the whole benchmark at once with its log, and the workers
+    still running are stopped (not waited for: at GPU scale that is minutes)."""
+    import dataclasses
+
+    from benchmarks.common import BenchError
+
+    work = tmp_path / "work"
+    jobs = {j.name: j for j in plan.jobs(plan.QUICK, plan.QUICK_MATRIX, work)}
+    bad, long = jobs["mem_n0_r30_none_s0"], jobs["mem_n0_r30_random_s0"]
+    bad = dataclasses.replace(bad, overrides=(*bad.overrides, "train.steps=-1"))  # fails its config check
+    long = dataclasses.replace(long, overrides=(*long.overrides, "train.steps=100000"), cost=0.0)
+    run.prepare_data(work / "data" / "mem_n0", 256, 0.0, 96, plan.QUICK.image_size, plan.QUICK.shard, 0)
+    with pytest.raises(BenchError, match="worker exit") as err:
+        run.run_jobs([bad, long], work, reuse=False, timeout=600)
+    assert "train.steps" in str(err.value)  # the failing worker's own message
+    assert not run.finished(long) and not (Path(long.run_dir) / "eval.json").exists()
