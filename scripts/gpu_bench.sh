@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The accuracy benchmark's comparison (make bench's default matrix: none / random /
 # small_loss / current_score / dissect_warmup at 0% and 40% noise, 5 paired seeds) at a
-# larger scale on one GPU: a bigger model and images, more pairs. Sized (by estimate) to finish in about 8 minutes on one H200.
+# larger scale on one GPU: a bigger model and images, more pairs. Sized (by estimate) to
+# finish in about 8 minutes on one H200.
 #
 #   bash scripts/gpu_bench.sh            # GPU scale; page + plots under $GPU_BENCH_DIR (default runs/gpu_bench)
 #   TINY=1 bash scripts/gpu_bench.sh     # a tiny CPU setting that checks the script end to end
