@@ -10,6 +10,7 @@ from pathlib import Path
 import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
+from deepspeed.utils import safe_get_full_fp32_param
 
 from dissect_ds import distributed as D
 from dissect_ds.config import Config, build_ds_config
@@ -347,9 +348,16 @@ class Engine:
         if not self.weights_finite():
             raise Diverged("the weights hold NaN/inf")
         params = dict(self.ds.module.named_parameters())
+        # Under bf16/fp16 the module holds rounded copies; the fp32 master weights live in the
+        # optimizer (what a checkpoint's zero_to_fp32 consolidation reads too).
+        low = any(self.ds_config.get(k, {}).get("enabled") for k in ("bf16", "fp16"))
         state = {}
         for name, value in self.ds.module.state_dict().items():
             p = params.get(name)
+            master = safe_get_full_fp32_param(p) if low and p is not None and p.requires_grad else None
+            if master is not None:
+                state[name] = master.detach().float().cpu().clone()
+                continue
             with deepspeed.zero.GatheredParameters([p] if p is not None else []):
                 state[name] = (p.data if p is not None else value).detach().float().cpu().clone()
         if self.info.is_main:

@@ -101,6 +101,26 @@ def test_exported_weights_load_in_open_clip(zero_runs):
     torch.testing.assert_close(m.state_dict()["text_projection"], sd["text_projection"])
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_bf16_export_holds_the_fp32_master_weights(synthetic, tmp_path, stage):
+    """Under bf16 the module keeps rounded copies; the export must carry the optimizer's fp32
+    master weights, exactly what consolidating the final checkpoint (zero_to_fp32) gives."""
+    import glob
+
+    from dissect_ds.engine import checkpoint_state_dict
+
+    run = tmp_path / "b"
+    overrides = ["train.steps=3", "data.val=null", "deepspeed.bf16=true", f"deepspeed.zero_stage={stage}"]
+    torchrun(2, [*tiny_overrides(synthetic, tmp_path, "b"), *overrides])
+    export = torch.load(run / "open_clip_model.pt", map_location="cpu")
+    master = checkpoint_state_dict(Path(sorted(glob.glob(str(run / "checkpoints" / "step*")))[-1]))
+    assert export.keys() == master.keys()
+    for k, v in export.items():
+        torch.testing.assert_close(v, master[k].detach(), rtol=0, atol=0, msg=k)
+    rounded = sum(int((v.to(torch.bfloat16).float() == v).all()) for v in export.values())
+    assert rounded < len(export) // 2  # most tensors carry more precision than bf16 holds
+
+
 def test_kill_minus_9_then_resume_matches_uninterrupted(synthetic, tmp_path):
     common = [
         "train.steps=16",
