@@ -44,10 +44,22 @@ class TrainState:
 
 
 class TorchRNG:
-    """The CPU RNG as a checkpoint component (per rank: restored at the same world size)."""
+    """The CPU RNG and this rank's CUDA RNG (patch dropout draws on the device) as a checkpoint
+    component (per rank: restored at the same world size)."""
 
-    def state_dict(self) -> torch.Tensor:
-        return torch.get_rng_state()
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    @staticmethod
+    def restore(state: dict[str, torch.Tensor] | torch.Tensor) -> None:
+        if isinstance(state, torch.Tensor):  # checkpoints written before the CUDA state was kept
+            state = {"cpu": state}
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
 
 
 class Preempted(Exception):
@@ -157,7 +169,7 @@ class Trainer:
             self.state = TrainState(**restored["train"])
             self.selector.load_state_dict(restored["selection"])
             if restored["rng"] is not None:
-                torch.set_rng_state(restored["rng"])
+                TorchRNG.restore(restored["rng"])
         elif cfg.resume == "latest" and info.is_main:
             print(f"resume=latest: no checkpoint in {self.run_dir / 'checkpoints'}, starting fresh", flush=True)
         self.stream = build_train_stream(

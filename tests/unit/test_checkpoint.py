@@ -159,3 +159,16 @@ def test_resaving_a_tag_replaces_it_whole(data, tmp_path):
     ckpt.Checkpoints(cfg, rank=0, world_size=1).save(4, _Engine(fail=False), {"train": _Component()})
     assert sorted(p.name for p in tag.glob("rank*.pt")) == ["rank00000.pt"]
     assert json.loads((tag / ckpt.COMPLETE).read_text())["world_size"] == 1
+
+
+def test_rng_component_round_trips_and_reads_the_older_tensor_format():
+    import torch
+
+    from dissect_ds.train import TorchRNG
+
+    state = TorchRNG().state_dict()
+    first = torch.rand(4)
+    TorchRNG.restore(state)
+    assert torch.equal(torch.rand(4), first)
+    TorchRNG.restore(state["cpu"])  # a checkpoint that stored the CPU state alone
+    assert torch.equal(torch.rand(4), first)
