@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
         default=(),
         metavar="A,B",
         help="add these strategies (registry names) to the default matrix, e.g. dissect_momentum,dissect_model "
-        "(about 12 minutes per arm on 2 cores)",
+        "(about 15 minutes per arm on 2 cores)",
     )
     p.add_argument(
         "--out", type=Path, help="page directory (default docs/bench; plots go to OUT/img, default docs/img)"
