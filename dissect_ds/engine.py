@@ -350,7 +350,7 @@ class Engine:
         params = dict(self.ds.module.named_parameters())
         # Under bf16/fp16 the module holds rounded copies; the fp32 master weights live in the
         # optimizer (what a checkpoint's zero_to_fp32 consolidation reads too).
-        low = any(self.ds_config.get(k, {}).get("enabled") for k in ("bf16", "fp16"))
+        low = _input_dtype(self.ds) != torch.float32
         state = {}
         for name, value in self.ds.module.state_dict().items():
             p = params.get(name)
