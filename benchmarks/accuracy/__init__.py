@@ -133,6 +133,17 @@ def analyse_and_write(
     return summary
 
 
+def _arms(text: str) -> tuple[str, ...]:
+    """``--arms A,B``: registry strategy names (checked before any run starts)."""
+    names = tuple(a.strip() for a in text.split(",") if a.strip())
+    for name in names:
+        try:
+            plan.strategy(name)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return names
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.split("\n")[0])
     g = p.add_mutually_exclusive_group()
@@ -148,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument(
         "--arms",
-        type=lambda v: tuple(a for a in v.split(",") if a),
+        type=_arms,
         default=(),
         metavar="A,B",
         help="add these strategies (registry names) to the default matrix, e.g. dissect_momentum,dissect_model "
@@ -184,11 +195,6 @@ def main(argv: list[str] | None = None) -> dict:
         matrix = dataclasses.replace(matrix, arms=(*matrix.arms, *plan.REFERENCE_ARMS))
         name += ", with the reference-model arms (--reference)"
     extra = tuple(a for a in args.arms if a not in matrix.arms)
-    for arm in extra:
-        try:
-            plan.strategy(arm)
-        except ValueError as e:
-            p.error(f"--arms: {e}")
     if extra:
         matrix = dataclasses.replace(matrix, arms=(*matrix.arms, *extra))
         name += f", with {', '.join(extra)} (--arms)"
