@@ -22,7 +22,10 @@ class DataConfig:
     `samples_per_epoch` sets the stream epoch's length (pairs over all ranks; default the
     data set's size). `augment` False gives training images the val transform (resize and
     centre crop) instead of open_clip's random resized crop, whose aspect-ratio jitter
-    changes shapes (the synthetic set's labels).
+    changes shapes (the synthetic set's labels). `cache_decoded` (only with `augment`
+    False) keeps every decoded, transformed and tokenized training pair in memory after
+    its first read, so later epochs skip decoding (a data set that fits in RAM, many
+    epochs over it; each DataLoader worker keeps its own cache of the pairs it reads).
     """
 
     train: str = ""
@@ -34,6 +37,7 @@ class DataConfig:
     augment: bool = True
     source_weights: str | None = None
     samples_per_epoch: int | None = None
+    cache_decoded: bool = False
 
     def weights(self) -> tuple[float, ...] | None:
         """``source_weights`` parsed (``"1::3"``: one weight per ``::`` source), or None."""
@@ -74,6 +78,8 @@ class DataConfig:
             return f"data.num_workers: must be >= 0, got {self.num_workers}"
         if self.shuffle_buffer < 0:
             return f"data.shuffle_buffer: must be >= 0 (0 or 1: no shuffling), got {self.shuffle_buffer}"
+        if self.cache_decoded and self.augment:
+            return "data.cache_decoded: only with data.augment=false (an augmented pair differs every epoch)"
         err = self._validate_resampling()
         if err:
             return err

@@ -82,6 +82,7 @@ class _Sample:
     noisy: bool | None
     label: int | None
     ref_image: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None  # the caption's token row, filled in by _Collate
 
 
 @dataclass
@@ -92,12 +93,15 @@ class _Decoder:
     `draft`, a JPEG is decoded at the smallest of 1/1, 1/2, 1/4, 1/8 scale that keeps
     both sides >= `draft` pixels (PIL's draft mode: the DCT does the downscaling, far
     cheaper than decoding at full size and resizing). With `reference`, the reference
-    model's own (deterministic) transform of the same decoded image is kept too."""
+    model's own (deterministic) transform of the same decoded image is kept too. With
+    `cache` (a dict, only without `seed`: the transform must draw nothing), each sample
+    is decoded once and handed out again, tokens included, whenever its uid comes back."""
 
     preprocess: Preprocess
     seed: int | None = None
     draft: int | None = None
     reference: Preprocess | None = None
+    cache: dict[int, _Sample] | None = None
 
     def __call__(self, raw: dict[str, bytes], shard: Shard, pos: int, epoch: int) -> _Sample | str:
         meta: Any = {}
@@ -115,6 +119,8 @@ class _Decoder:
             uid += shard.uid_offset
         else:
             uid = shard.uid_base + pos
+        if self.cache is not None and uid in self.cache:
+            return self.cache[uid]
         noisy, label = meta.get("noisy"), meta.get("label")
         if noisy is not None and not (isinstance(noisy, bool) or noisy in (0, 1)):
             return "bad_json"
@@ -138,7 +144,7 @@ class _Decoder:
             image = self.preprocess(rgb)
         else:
             image = _seeded(self.preprocess, rgb, _mix(self.seed, epoch, uid))
-        return _Sample(
+        sample = _Sample(
             image=image,
             caption=caption,
             uid=uid,
@@ -146,6 +152,9 @@ class _Decoder:
             label=label,
             ref_image=None if self.reference is None else self.reference(rgb),
         )
+        if self.cache is not None:
+            self.cache[uid] = sample
+        return sample
 
 
 def _is_int(x: object) -> bool:
@@ -177,10 +186,15 @@ class _Collate:
             return None if any(v is None for v in values) else torch.tensor(values, dtype=dtype)
 
         captions = [s.caption for s in samples]
+        new = [s for s in samples if s.tokens is None]  # a cached sample keeps its tokens
+        if new:
+            rows = torch.as_tensor(self.tokenizer([s.caption for s in new])).long()
+            for s, row in zip(new, rows):
+                s.tokens = row
         ref = samples[0].ref_image is not None and self.reference is not None
         return Batch(
             images=torch.stack([s.image for s in samples]),  # uint8 from the train transform, float from others
-            tokens=torch.as_tensor(self.tokenizer(captions)).long(),
+            tokens=torch.stack([s.tokens for s in samples]),
             uids=torch.tensor([s.uid for s in samples], dtype=torch.int64),
             noisy=optional([s.noisy for s in samples], torch.bool),
             labels=optional([s.label for s in samples], torch.int64),
@@ -625,7 +639,13 @@ def build_train_stream(
         layout,
         batch_size=batch_size,
         # Without augmentation the transform draws nothing: no RNG to seed per sample.
-        decoder=_Decoder(preprocess, seed if cfg.augment else None, draft_size, reference[0] if reference else None),
+        decoder=_Decoder(
+            preprocess,
+            seed if cfg.augment else None,
+            draft_size,
+            reference[0] if reference else None,
+            cache={} if cfg.cache_decoded else None,
+        ),
         collate=_Collate(tokenizer, reference[1] if reference else None),
         loader_workers=0 if cfg.num_workers == 0 else workers,
         positions=positions,

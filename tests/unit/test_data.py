@@ -235,6 +235,26 @@ def test_resume_is_bit_exact(synth: Path, workers: int, world: int, rank: int, r
         assert max(epochs) >= 1, "the checked span should cross a stream epoch"
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_cached_decoding_gives_the_same_batches_and_decodes_each_pair_once(synth: Path, workers: int) -> None:
+    calls = Counter()
+
+    def counted(img: Image.Image) -> torch.Tensor:
+        calls[img.tobytes()] += 1
+        return PLAIN(img)
+
+    plain = _cfg(synth, num_workers=workers, shuffle_buffer=50, augment=False)
+    cached = dataclasses.replace(plain, cache_decoded=True)
+    assert cached.validate() is None
+    epochs = 3 * N_TRAIN // 16  # three passes over the set
+    want = list(islice(_stream(plain, preprocess=PLAIN), epochs))
+    got = list(islice(_stream(cached, preprocess=counted), epochs))
+    for a, b in zip(want, got, strict=True):
+        assert torch.equal(a.uids, b.uids) and torch.equal(a.images, b.images) and torch.equal(a.tokens, b.tokens)
+    if workers == 0:  # in-process: the counter sees every decode (the workers' copies are their own)
+        assert sum(calls.values()) == N_TRAIN
+
+
 def test_ranks_split_each_stream_epoch(synth: Path) -> None:
     cfg = _cfg(synth, num_workers=1, shuffle_buffer=40)
     per_rank = N_TRAIN // 2
@@ -378,6 +398,7 @@ def test_samples_per_epoch_sets_the_resampled_epoch_length(synth: Path) -> None:
         ({"resampled": True, "source_weights": "x"}, "must be numbers joined with '::'"),
         ({"resampled": True, "source_weights": "0"}, "at least one > 0"),
         ({"resampled": True, "samples_per_epoch": 0}, "must be > 0"),
+        ({"cache_decoded": True}, "only with data.augment=false"),
     ],
 )
 def test_resampling_options_are_checked_in_one_line(synth: Path, kw: dict, message: str) -> None:
