@@ -134,7 +134,8 @@ def analyse_and_write(
 
 
 def _arms(text: str) -> tuple[str, ...]:
-    """``--arms A,B``: registry strategy names (checked before any run starts)."""
+    """``--arms A,B``: registry strategy names, each optionally ``NAME@E`` (checked before
+    any run starts)."""
     names = tuple(a.strip() for a in text.split(",") if a.strip())
     for name in names:
         try:
@@ -142,6 +143,17 @@ def _arms(text: str) -> tuple[str, ...]:
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
     return names
+
+
+def _noises(text: str) -> tuple[float, ...]:
+    """``--noises 0,0.4``: noise rates of the memorisation regime, each one ``plan.NOISES`` has."""
+    try:
+        values = tuple(float(n) for n in text.split(",") if n.strip())
+    except ValueError:
+        values = ()
+    if not values or any(n not in plan.NOISES for n in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {','.join(f'{n:g}' for n in plan.NOISES)}")
+    return values
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -162,8 +174,16 @@ def main(argv: list[str] | None = None) -> dict:
         type=_arms,
         default=(),
         metavar="A,B",
-        help="add these strategies (registry names) to the default matrix, e.g. dissect_momentum,dissect_model "
-        "(about 15 minutes per arm on 2 cores)",
+        help="add these strategies (registry names) to the default matrix, e.g. dissect_momentum,dissect_model; "
+        "NAME@E: NAME with its warm-up ending after epoch E instead of the default (about 15 minutes per arm "
+        "on 2 cores)",
+    )
+    p.add_argument(
+        "--noises",
+        type=_noises,
+        metavar="N,M",
+        help="the memorisation regime's noise rates instead of the default 0,0.4 (without 0 there is no gate: "
+        "the page says so)",
     )
     p.add_argument(
         "--out", type=Path, help="page directory (default docs/bench; plots go to OUT/img, default docs/img)"
@@ -198,6 +218,9 @@ def main(argv: list[str] | None = None) -> dict:
     if extra:
         matrix = dataclasses.replace(matrix, arms=(*matrix.arms, *extra))
         name += f", with {', '.join(extra)} (--arms)"
+    if args.noises:
+        matrix = dataclasses.replace(matrix, noises=args.noises)
+        name += f", noise {','.join(f'{n:.0%}' for n in args.noises)} only (--noises)"
     if args.gate_only:
         work = args.work or c.WORK / "accuracy_gate"
         jobs, took, _ = execute(scale, plan.GATE_ONLY, work, args.reuse, args.parallel)
@@ -213,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python -m benchmarks.accuracy" + (" --quick" if args.quick else " --all" if args.all else "")
     command += " --reference" if args.reference and not args.all else ""
     command += f" --arms {','.join(extra)}" if extra else ""
+    command += f" --noises {','.join(f'{n:g}' for n in args.noises)}" if args.noises else ""
     if args.scale:
         command += f" --scale '{args.scale}'"
     jobs, took, reused = execute(scale, matrix, work, args.reuse, args.parallel)

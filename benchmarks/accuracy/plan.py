@@ -51,10 +51,23 @@ ONEPASS_ARMS = ("none", "random", "small_loss", "current_score", "dissect_model"
 RATE2_ARMS = ("random", "small_loss", "current_score", "dissect_warmup")
 
 
+def split_arm(arm: str) -> tuple[str, int | None]:
+    """``NAME@E`` -> (NAME, E): strategy NAME with its warm-up ending after epoch E instead
+    of the scale's ``warmup_epochs`` (memorisation regime); a plain NAME -> (NAME, None)."""
+    name, at, epoch = arm.partition("@")
+    if not at:
+        return name, None
+    if not epoch.isdigit() or int(epoch) < 1 or name in ("none", "random"):
+        raise ValueError(f"arm {arm!r}: NAME@E wants a selecting strategy and a warm-up of E >= 1 epochs")
+    return name, int(epoch)
+
+
 def strategy(arm: str) -> str:
-    """The registry name of ``arm`` (``current_score`` or its old name ``clipscore``)."""
+    """The registry name of ``arm`` (``current_score`` or its old name ``clipscore``; a
+    ``NAME@E`` arm's NAME)."""
     from dissect_ds.selection.strategies import STRATEGIES
 
+    arm = split_arm(arm)[0]
     if arm in STRATEGIES:
         return arm
     if ALIASES.get(arm) in STRATEGIES:
@@ -196,7 +209,10 @@ def overrides(
     onepass = regime == "onepass"
     steps = scale.onepass_steps if onepass else scale.steps
     spe = steps if onepass else scale.steps_per_epoch
-    warm = max(1, round(scale.onepass_warmup_frac * steps)) if onepass else scale.warmup_epochs * spe
+    warm_epochs = split_arm(arm)[1] or scale.warmup_epochs
+    if not onepass and warm_epochs >= scale.epochs:
+        raise ValueError(f"arm {arm!r}: the warm-up must end before the last of {scale.epochs} epochs")
+    warm = max(1, round(scale.onepass_warmup_frac * steps)) if onepass else warm_epochs * spe
     name = strategy(arm)
     out = [
         f"run.name={run_dir.name}",
@@ -208,6 +224,7 @@ def overrides(
         "data.num_workers=0",
         "data.shuffle_buffer=1000",
         "data.augment=false",
+        "data.cache_decoded=true",  # 60 epochs over 2048 pairs: decode each once
         f"train.steps={steps}",
         f"train.batch_size={scale.batch}",
         f"train.lr={scale.lr}",

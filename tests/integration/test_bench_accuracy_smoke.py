@@ -149,3 +149,25 @@ def test_a_failing_run_stops_the_benchmark_before_the_others_finish(tmp_path):
         run.run_jobs([bad, long], work, reuse=False, timeout=600)
     assert "train.steps" in str(err.value)  # the failing worker's own message
     assert not run.finished(long) and not (Path(long.run_dir) / "eval.json").exists()
+
+
+def test_an_arm_at_epoch_e_moves_only_its_warm_up_and_bad_arms_or_noises_stop_the_cli(tmp_path, capsys):
+    """``--arms dissect_warmup@30``: the same strategy and budget, the warm-up ending after
+    epoch 30; ``--arms``/``--noises`` mistakes end argparse before anything runs."""
+    import dataclasses
+
+    from benchmarks import accuracy
+
+    arms = ("dissect_warmup", "dissect_warmup@30")
+    matrix = dataclasses.replace(plan.DEFAULT, noises=(0.4,), arms=arms, seeds=(0,), world2_check=False)
+    jobs = {j.arm: j for j in plan.jobs(plan.CPU, matrix, tmp_path)}
+    base, late = (set(jobs[a].overrides) for a in ("dissect_warmup", "dissect_warmup@30"))
+    spe = plan.CPU.steps_per_epoch
+    assert base - late == {f"selection.warmup_steps={15 * spe}"} | {o for o in base if o.startswith("run.name")}
+    assert f"selection.warmup_steps={30 * spe}" in late and "selection.strategy=dissect_warmup" in late
+    with pytest.raises(ValueError, match="must end before"):
+        plan.overrides(plan.CPU, "mem", "dissect_model@60", 0, 0.3, tmp_path, tmp_path / "r", False)
+    for argv in (["--arms", "random@30"], ["--arms", "dissect_warmup@x"], ["--noises", "0.3"]):
+        with pytest.raises(SystemExit):
+            accuracy.main(argv)
+        assert "error:" in capsys.readouterr().err
