@@ -12,6 +12,8 @@ the plan is repeated with 2 ranks under torchrun as a check of that here.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import shutil
@@ -42,11 +44,31 @@ def prepare_data(out: Path, num_samples: int, noise: float, val: int, image_size
     return out
 
 
+def source_hash(src: Path) -> str:
+    """A hash of the ``.py`` and ``.json`` files under ``src``, names and contents."""
+    h = hashlib.blake2b(digest_size=8)
+    for path in sorted(p for p in src.rglob("*") if p.suffix in (".py", ".json") and p.is_file()):
+        h.update(str(path.relative_to(src)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+@functools.cache
+def code_version() -> str:
+    """The trainer's sources (``dissect_ds/``) as this process found them: a run is reused
+    only if the code that trained it is the code now."""
+    return source_hash(c.ROOT / "dissect_ds")
+
+
+def _spec(job: Job) -> dict:
+    """What ``job.json`` stores beside a finished run: the job and the code's version."""
+    return {**json.loads(json.dumps(asdict(job))), "code": code_version()}
+
+
 def finished(job: Job) -> bool:
-    """A finished run of exactly this job (its overrides stored beside it)."""
+    """A finished run of exactly this job (its overrides stored beside it) by this code."""
     run_dir = Path(job.run_dir)
     spec = run_dir / "job.json"
-    same = spec.is_file() and json.loads(spec.read_text()) == json.loads(json.dumps(asdict(job)))
+    same = spec.is_file() and json.loads(spec.read_text()) == _spec(job)
     return (run_dir / "eval.json").is_file() and same
 
 
@@ -113,7 +135,7 @@ def _done(job: Job, seconds: float) -> None:
     run_dir = Path(job.run_dir)
     c.prune_run(run_dir)
     (run_dir / "launch.json").write_text(json.dumps({"seconds": round(seconds, 1), "load_end": c.loadavg()}) + "\n")
-    (run_dir / "job.json").write_text(json.dumps(asdict(job)))
+    (run_dir / "job.json").write_text(json.dumps(_spec(job)))
 
 
 def worker(jobs: list[Job]) -> None:

@@ -75,8 +75,11 @@ def test_quick_accuracy_benchmark_writes_page_verdicts_and_plots(tmp_path):
     assert {name: (Path(jobs[name].run_dir) / "eval.json").read_text() for name in redo} == before
     assert [row[:6] for row in again["verdicts"]] == [row[:6] for row in first["verdicts"]]
     assert again["gate"] == first["gate"]
-    # --reuse keeps every finished run of the same job.
+    # --reuse keeps every finished run of the same job by the same trainer code, no other.
     assert jobs and all(run.finished(j) for j in jobs.values())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run, "code_version", lambda: "another version of dissect_ds")
+        assert not any(run.finished(j) for j in jobs.values())
     # --gate-only runs the gate's runs alone (here reusing seeds 0-1) and writes no page.
     gate = accuracy.main(
         ["--quick", "--gate-only", "--reuse", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "g")]
@@ -171,3 +174,14 @@ def test_an_arm_at_epoch_e_moves_only_its_warm_up_and_bad_arms_or_noises_stop_th
         with pytest.raises(SystemExit):
             accuracy.main(argv)
         assert "error:" in capsys.readouterr().err
+
+
+def test_the_code_version_changes_with_any_trainer_source(tmp_path):
+    import shutil
+
+    src = tmp_path / "dissect_ds"
+    shutil.copytree(ROOT / "dissect_ds", src, ignore=shutil.ignore_patterns("__pycache__"))
+    assert run.source_hash(src) == run.code_version()
+    config = src / "selection" / "config.py"
+    config.write_text(config.read_text() + "\n")
+    assert run.source_hash(src) != run.code_version()
