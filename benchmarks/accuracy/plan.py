@@ -118,8 +118,9 @@ class Scale:
 
 # Calibrated on the 2-core machine with one torch thread per run (docs/method_findings.md):
 # full data at 0% noise, seeds 0-4, spread over 0.136 at 48 epochs, 0.051 at 60, 0.032 at 80
-# and 0.037 at 100 (the gate wants 0.03). At 60 epochs a full-data run trains for about 190 s
-# and the default matrix takes about 55 minutes; 80 epochs would take a third longer.
+# and 0.037 at 100 (the gate wants 0.03). At 60 epochs a full-data run trained for about 190 s
+# and the default matrix took about 55 minutes before the decode cache (its runs are about 30%
+# faster with it); 80 epochs take a third longer.
 CPU = Scale(
     model="dissect-bench-vit",
     image_size=24,
