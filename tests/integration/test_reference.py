@@ -111,7 +111,9 @@ def test_offloaded_reference_scores_equal_plain_open_clip(oracle_run):
     plain = (100 * (image * text).sum(-1)).clamp_min(0)
     ours = torch.tensor([wanted[u] for u in uids])
     print("max abs score difference", float((plain - ours).abs().max()))
-    assert (plain - ours).abs().max() <= 1e-4
+    # float32 rounding only: other batch shapes and CPU kernels sum in another order (measured up to
+    # 1.1e-4 on an AMD EPYC, 14 ulps at scores 64-100); a wrong input or model is off by far more.
+    assert (plain - ours).abs().max() <= 1e-3
 
 
 def _score(*args: str) -> None:
