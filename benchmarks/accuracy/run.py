@@ -152,6 +152,7 @@ def worker(jobs: list[Job]) -> None:
     from dissect_ds.train import Trainer
 
     info = init_distributed()
+    code_version()  # the sources as imported above, not as they may be when the first run ends
     for job in jobs:
         run_dir = Path(job.run_dir)
         shutil.rmtree(run_dir, ignore_errors=True)
