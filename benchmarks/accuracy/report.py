@@ -114,7 +114,8 @@ def page(
         + (
             "GPU kernels are not bit-for-bit deterministic, so a rerun can differ slightly."
             if meta["gpu"]
-            else "Accuracy does not depend on the load: every run is deterministic for its seed."
+            else "Accuracy does not depend on the load: every run is deterministic for its seed on one machine "
+            "(not across CPU models: float rounding differs, and training amplifies it; see docs/method_findings.md)."
         ),
         "",
         "## Design",

@@ -176,6 +176,24 @@ def test_an_arm_at_epoch_e_moves_only_its_warm_up_and_bad_arms_or_noises_stop_th
         assert "error:" in capsys.readouterr().err
 
 
+def test_scale_overrides_reach_every_run_and_the_calibration_model_builds(tmp_path):
+    """``--scale '{"weight_decay": 1.0, "model": "dissect-bench-vit-w128"}'`` (the gate
+    calibration in docs/method_findings.md) changes every run's trainer keys, the default
+    keeps the trainer's own weight decay, and the wider model exists and is wider."""
+    import dataclasses
+
+    from dissect_ds.config import TrainConfig
+    from dissect_ds.model import build_model
+
+    wide = dataclasses.replace(plan.CPU, weight_decay=1.0, model="dissect-bench-vit-w128")
+    for job in plan.jobs(wide, plan.GATE_ONLY, tmp_path):
+        assert {"train.weight_decay=1.0", "model.name=dissect-bench-vit-w128"} <= set(job.overrides), job.name
+    default = plan.jobs(plan.CPU, plan.GATE_ONLY, tmp_path)[0].overrides
+    assert f"train.weight_decay={TrainConfig().weight_decay}" in default
+    widths = {name: build_model(name)[0].visual.transformer.width for name in ("dissect-bench-vit", wide.model)}
+    assert widths == {"dissect-bench-vit": 64, "dissect-bench-vit-w128": 128}
+
+
 def test_the_code_version_changes_with_any_trainer_source(tmp_path):
     import shutil
 
