@@ -122,9 +122,9 @@ class Scale:
 # and 0.037 at 100 (the gate wants 0.03). At 60 epochs a full-data run trained for about 190 s
 # and the default matrix took about 55 minutes before the decode cache (its runs are about 30%
 # faster with it: make bench whole took 53 minutes on 2026-12-04, accuracy 35); 80 epochs take a
-# third longer. On another CPU model the same seeds give other
-# values (seed SD 0.036 there): weight decay 1.0 or 3.0 and batch 256 did not narrow the spread;
-# model dissect-bench-vit-w128 did (seed SD 0.014) at 2.6 times the cost per run.
+# third longer. On another CPU model the same seeds give other values (seed SD 0.036 there):
+# weight decay 1.0 or 3.0 and batch 256 did not narrow the spread; model dissect-bench-vit-w128
+# did (seed SD 0.014) at 2.6 times the cost per run.
 CPU = Scale(
     model="dissect-bench-vit",
     image_size=24,
