@@ -127,6 +127,7 @@ def analyse_and_write(
         "gate": {"values": gate.values, "passed": gate.passed},
         "settings": {label: {arm: dataclasses.asdict(r) for arm, r in res.items()} for label, res in results.items()},
         "verdicts": report.verdict_rows(results),
+        "dissect_vs_rules": report.rule_rows(results)[1],
         "took_s": took_s,
     }
     (work / "accuracy.json").write_text(json.dumps(summary, indent=1, default=str))

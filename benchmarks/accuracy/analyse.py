@@ -20,7 +20,7 @@ import numpy as np
 from scipy import stats
 
 from benchmarks import common as c
-from benchmarks.accuracy.plan import Job, Scale
+from benchmarks.accuracy.plan import Job, Scale, is_dissect
 from dissect_ds.metrics import read_metrics
 
 TOP1, R1 = "eval/zeroshot_top1", "eval/mean_R@1"
@@ -181,6 +181,7 @@ def late_mean(run: Run, key: str, last_frac: float = 0.2, per_epoch: bool = Fals
 @dataclass
 class ArmResult:
     arm: str
+    by_seed: dict[int, float]  # final zero-shot top-1 of each seed
     top1: Interval
     r1: Interval
     vs_random: Interval | None
@@ -217,6 +218,7 @@ def setting_results(runs: list[Run]) -> dict[str, ArmResult]:
                     times.append(t)
         out[arm] = ArmResult(
             arm=arm,
+            by_seed=top,
             top1=Interval.of(list(top.values())),
             r1=Interval.of(list(r1.values())),
             vs_random=paired(top, final_by_seed(rnd)) if rnd and arm != "random" else None,
@@ -233,6 +235,14 @@ def setting_results(runs: list[Run]) -> dict[str, ArmResult]:
             auroc_differential=Interval.of([late_mean(r, "selection/auroc_differential") for r in rs]),
         )
     return out
+
+
+def against_rules(res: dict[str, ArmResult]) -> dict[str, dict[str, Interval]]:
+    """DISSect arm -> other selecting rule -> paired difference of final zero-shot top-1
+    (DISSect minus the rule) in one setting; the rules are the arms that are neither a
+    DISSect variant, ``random`` nor full data (those two have their own columns)."""
+    rules = [a for a in res if a not in ("none", "random") and not is_dissect(a)]
+    return {d: {r: paired(res[d].by_seed, res[r].by_seed) for r in rules} for d in res if is_dissect(d)}
 
 
 @dataclass

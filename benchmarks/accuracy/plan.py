@@ -75,6 +75,13 @@ def strategy(arm: str) -> str:
     raise ValueError(f"strategy {arm!r} is not in the registry ({', '.join(STRATEGIES)})")
 
 
+def is_dissect(arm: str) -> bool:
+    """Whether ``arm`` is a DISSect variant (a differential strategy of the registry)."""
+    from dissect_ds.selection.strategies import STRATEGIES, Differential
+
+    return issubclass(STRATEGIES[strategy(arm)], Differential)
+
+
 def reads_reference(arm: str) -> bool:
     """Whether ``arm`` scores with the reference run's model (the registry says)."""
     from dissect_ds.selection.strategies import STRATEGIES

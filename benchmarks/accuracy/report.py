@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from benchmarks.accuracy.analyse import TOP1, ArmResult, Gate, Interval, Run
+from benchmarks.accuracy.analyse import TOP1, ArmResult, Gate, Interval, Run, against_rules
 from benchmarks.accuracy.plan import Matrix, Scale
 from benchmarks.common import md_table
 
@@ -47,6 +47,23 @@ def verdict_rows(results: dict[str, dict[str, ArmResult]]) -> list[list[str]]:
                 ]
             )
     return rows
+
+
+def rule_rows(results: dict[str, dict[str, ArmResult]]) -> tuple[list[str], list[list[str]]]:
+    """(head, rows): each DISSect arm against each other selecting rule of its setting."""
+    against = {label: against_rules(res) for label, res in results.items()}
+    rules = list(dict.fromkeys(r for by_arm in against.values() for diffs in by_arm.values() for r in diffs))
+    rows = [
+        [label, arm, *(f"**{_v(diffs[r])}** {diffs[r].fmt(signed=True)}" if r in diffs else "-" for r in rules)]
+        for label, by_arm in against.items()
+        for arm, diffs in by_arm.items()
+    ]
+    return ["setting", "DISSect arm", *(f"- {r} (paired)" for r in rules)], rows
+
+
+def rule_table(results: dict[str, dict[str, ArmResult]]) -> str:
+    head, rows = rule_rows(results)
+    return md_table(head, rows) if len(head) > 2 and rows else "No DISSect arm ran beside another selecting rule."
 
 
 def setting_table(res: dict[str, ArmResult]) -> str:
@@ -201,6 +218,14 @@ def page(
         ),
         "",
         f"![arm means]({images['arms']})",
+        "",
+        "## DISSect against the other rules",
+        "",
+        "Final zero-shot top-1 of each DISSect variant minus that of each other selecting rule of the same setting, "
+        "paired over seeds, 95% intervals (**win**: DISSect above the rule). "
+        + ("" if gate.passed else "**Not evidence: the gate failed.**"),
+        "",
+        rule_table(results),
         "",
         "## Per setting",
         "",

@@ -28,6 +28,7 @@ def _check_page(out: Path, work: Path, world2: bool = True) -> dict:
     assert "python -m benchmarks.accuracy --quick" in page  # says how to reproduce it
     assert "Gate passed" in page or "Gate FAILED" in page
     assert "retrieval ceiling is 1.0" in page and ("## World-size check" in page) == world2
+    assert "## DISSect against the other rules" in page
     summary = json.loads((work / "accuracy.json").read_text())
     settings = summary["settings"]
     assert set(settings) == {
@@ -203,3 +204,39 @@ def test_the_code_version_changes_with_any_trainer_source(tmp_path):
     config = src / "selection" / "config.py"
     config.write_text(config.read_text() + "\n")
     assert run.source_hash(src) != run.code_version()
+
+
+def test_dissect_is_compared_with_every_other_selecting_rule_paired():
+    import dataclasses
+
+    from scipy import stats
+
+    from benchmarks.accuracy.analyse import ArmResult, Interval, against_rules
+    from benchmarks.accuracy.report import rule_rows
+
+    blank = {f.name: Interval.of([]) for f in dataclasses.fields(ArmResult)}
+    finals = {
+        "none": [0.70, 0.72, 0.69, 0.71, 0.70],
+        "random": [0.50, 0.52, 0.49, 0.53, 0.50],
+        "small_loss": [0.40, 0.45, 0.41, 0.44, 0.42],
+        "dissect_warmup": [0.55, 0.56, 0.50, 0.57, 0.52],
+        "current_score": [0.56, 0.55, 0.52, 0.55, 0.54],
+        "dissect_model@30": [0.52, 0.50, 0.51, 0.53, 0.49],
+    }
+    res = {a: ArmResult(**{**blank, "arm": a, "by_seed": dict(enumerate(v))}) for a, v in finals.items()}
+    against = against_rules(res)
+    # Every DISSect variant (the registry's differential strategies, NAME@E arms too) against
+    # every other selecting rule; random and full data have their own columns.
+    assert {d: list(r) for d, r in against.items()} == {
+        "dissect_warmup": ["small_loss", "current_score"],
+        "dissect_model@30": ["small_loss", "current_score"],
+    }
+    for d, diffs in against.items():
+        for rule, diff in diffs.items():
+            ci = stats.ttest_rel(finals[d], finals[rule]).confidence_interval(0.95)
+            assert math.isclose(diff.lo, ci.low, abs_tol=1e-12) and math.isclose(diff.hi, ci.high, abs_tol=1e-12)
+    assert against["dissect_warmup"]["small_loss"].verdict() == "win"
+    assert against["dissect_model@30"]["current_score"].verdict() == "loss"
+    head, rows = rule_rows({"memorisation, 40% noise, rate 0.3": res})
+    assert head == ["setting", "DISSect arm", "- small_loss (paired)", "- current_score (paired)"]
+    assert rows[0][:2] == ["memorisation, 40% noise, rate 0.3", "dissect_warmup"] and rows[0][2].startswith("**win** +")
