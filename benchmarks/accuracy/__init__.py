@@ -157,8 +157,10 @@ def _noises(text: str) -> tuple[float, ...]:
     return values
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.split("\n")[0])
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.accuracy", description=" ".join(__doc__.split("\n\n")[0].split())
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument(
         "--quick", action="store_true", help="smoke version: tiny sizes, a minute or two; numbers mean nothing"
@@ -180,6 +182,12 @@ def main(argv: list[str] | None = None) -> dict:
         "on 2 cores)",
     )
     p.add_argument(
+        "--onepass",
+        action="store_true",
+        help="add the one-pass regime at 40%% noise (full data, random, small-loss, current-score, dissect_model; "
+        "about 10 more minutes on 2 cores)",
+    )
+    p.add_argument(
         "--noises",
         type=_noises,
         metavar="N,M",
@@ -199,7 +207,11 @@ def main(argv: list[str] | None = None) -> dict:
         help="run only the gate (full data at 0%% noise, every seed), print it and write no page",
     )
     p.add_argument("--no-world2-check", action="store_true", help="skip the 2-rank repeat of one run (one GPU)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def configure(args: argparse.Namespace) -> tuple[plan.Scale, plan.Matrix, str, str]:
+    """(scale, matrix, its description for the page, the command that reproduces it)."""
     scale = plan.QUICK if args.quick else plan.CPU
     if args.scale:
         scale = dataclasses.replace(scale, **json.loads(args.scale))
@@ -219,9 +231,26 @@ def main(argv: list[str] | None = None) -> dict:
     if extra:
         matrix = dataclasses.replace(matrix, arms=(*matrix.arms, *extra))
         name += f", with {', '.join(extra)} (--arms)"
+    onepass = args.onepass and not matrix.onepass_noises  # --all and --quick have it already
+    if onepass:
+        matrix = dataclasses.replace(matrix, onepass_noises=plan.ALL.onepass_noises)
+        name += ", with the one-pass regime (--onepass)"
     if args.noises:
         matrix = dataclasses.replace(matrix, noises=args.noises)
         name += f", noise {','.join(f'{n:.0%}' for n in args.noises)} only (--noises)"
+    command = "python -m benchmarks.accuracy" + (" --quick" if args.quick else " --all" if args.all else "")
+    command += " --reference" if args.reference and not args.all else ""
+    command += f" --arms {','.join(extra)}" if extra else ""
+    command += " --onepass" if onepass else ""
+    command += f" --noises {','.join(f'{n:g}' for n in args.noises)}" if args.noises else ""
+    if args.scale:
+        command += f" --scale '{args.scale}'"
+    return scale, matrix, name, command
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    scale, matrix, name, command = configure(args)
     if args.gate_only:
         work = args.work or c.WORK / "accuracy_gate"
         jobs, took, _ = execute(scale, plan.GATE_ONLY, work, args.reuse, args.parallel)
@@ -234,12 +263,6 @@ def main(argv: list[str] | None = None) -> dict:
     work = args.work or (args.out / "work" if args.out else c.WORK / "accuracy")
     for d in (md_dir, img_dir, work):
         d.mkdir(parents=True, exist_ok=True)
-    command = "python -m benchmarks.accuracy" + (" --quick" if args.quick else " --all" if args.all else "")
-    command += " --reference" if args.reference and not args.all else ""
-    command += f" --arms {','.join(extra)}" if extra else ""
-    command += f" --noises {','.join(f'{n:g}' for n in args.noises)}" if args.noises else ""
-    if args.scale:
-        command += f" --scale '{args.scale}'"
     jobs, took, reused = execute(scale, matrix, work, args.reuse, args.parallel)
     summary = analyse_and_write(scale, matrix, name, jobs, work, md_dir, img_dir, command, took, reused, args.parallel)
     print(f"accuracy: wrote {md_dir / 'accuracy.md'} ({took / 60:.1f} min)", flush=True)

@@ -240,3 +240,18 @@ def test_dissect_is_compared_with_every_other_selecting_rule_paired():
     head, rows = rule_rows({"memorisation, 40% noise, rate 0.3": res})
     assert head == ["setting", "DISSect arm", "- small_loss (paired)", "- current_score (paired)"]
     assert rows[0][:2] == ["memorisation, 40% noise, rate 0.3", "dissect_warmup"] and rows[0][2].startswith("**win** +")
+
+
+def test_onepass_adds_the_one_pass_regime_with_equal_budgets(tmp_path):
+    from benchmarks import accuracy
+
+    scale, matrix, name, command = accuracy.configure(accuracy.parse(["--onepass", "--reference"]))
+    assert matrix.onepass_noises == (0.4,) and command.endswith("--reference --onepass") and "(--onepass)" in name
+    onepass = [j for j in plan.jobs(scale, matrix, tmp_path) if j.regime == "onepass"]
+    assert sorted({j.arm for j in onepass}) == sorted(plan.ONEPASS_ARMS) and len(onepass) == 5 * len(plan.SEEDS)
+    for job in onepass:  # one epoch over the larger set; every selecting arm at the same rate
+        assert f"train.steps={scale.onepass_steps}" in job.overrides
+        assert f"selection.rate={1.0 if job.arm == 'none' else scale.rate}" in job.overrides
+    # The default and --all: no flag in the command, the regime as their matrices say.
+    assert accuracy.configure(accuracy.parse([]))[1].onepass_noises == ()
+    assert " --onepass" not in accuracy.configure(accuracy.parse(["--all", "--onepass"]))[3]
