@@ -65,9 +65,7 @@ def analyse_and_write(
     loads = [x["load_end"] for x in launches]
     single = [r for r in runs if r.job.world_size == 1]
     reference = next((analyse.read_run(j) for j in jobs if j.regime == "ref"), None)
-    by_setting: dict[tuple, list[analyse.Run]] = {}
-    for r in single:
-        by_setting.setdefault(r.job.setting, []).append(r)
+    by_setting = analyse.by_setting(single, scale.rate)
     order = sorted(by_setting, key=lambda s: (s[0] != "mem", s[2], s[1]))
     labels = {s: report.setting_label(*s) for s in order}
     results = {labels[s]: analyse.setting_results(by_setting[s]) for s in order}
@@ -188,6 +186,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "about 10 more minutes on 2 cores)",
     )
     p.add_argument(
+        "--rate2",
+        action="store_true",
+        help=f"add rate {plan.CPU.rate2:g} at 40%% noise for {', '.join(plan.RATE2_ARMS)} (about 20 more minutes on "
+        "2 cores)",
+    )
+    p.add_argument(
         "--noises",
         type=_noises,
         metavar="N,M",
@@ -235,6 +239,10 @@ def configure(args: argparse.Namespace) -> tuple[plan.Scale, plan.Matrix, str, s
     if onepass:
         matrix = dataclasses.replace(matrix, onepass_noises=plan.ALL.onepass_noises)
         name += ", with the one-pass regime (--onepass)"
+    rate2 = args.rate2 and not matrix.rate2_noises  # --all has it already
+    if rate2:
+        matrix = dataclasses.replace(matrix, rate2_noises=plan.ALL.rate2_noises)
+        name += f", with rate {scale.rate2:g} (--rate2)"
     if args.noises:
         matrix = dataclasses.replace(matrix, noises=args.noises)
         name += f", noise {','.join(f'{n:.0%}' for n in args.noises)} only (--noises)"
@@ -242,6 +250,7 @@ def configure(args: argparse.Namespace) -> tuple[plan.Scale, plan.Matrix, str, s
     command += " --reference" if args.reference and not args.all else ""
     command += f" --arms {','.join(extra)}" if extra else ""
     command += " --onepass" if onepass else ""
+    command += " --rate2" if rate2 else ""
     command += f" --noises {','.join(f'{n:g}' for n in args.noises)}" if args.noises else ""
     if args.scale:
         command += f" --scale '{args.scale}'"

@@ -198,6 +198,18 @@ class ArmResult:
     auroc_differential: Interval
 
 
+def by_setting(runs: list[Run], rate: float) -> dict[tuple[str, float, float], list[Run]]:
+    """(regime, noise, rate) -> its runs. Full data does not depend on the rate: a setting at
+    another rate without its own ``none`` runs shares those of ``rate`` (same regime and noise)."""
+    out: dict[tuple[str, float, float], list[Run]] = {}
+    for r in runs:
+        out.setdefault(r.job.setting, []).append(r)
+    for (regime, noise, other), rs in out.items():
+        if other != rate and not any(r.job.arm == "none" for r in rs):
+            rs[:0] = [r for r in out.get((regime, noise, rate), []) if r.job.arm == "none"]
+    return out
+
+
 def setting_results(runs: list[Run]) -> dict[str, ArmResult]:
     """Arm -> result for the runs of one setting (same regime, noise and rate)."""
     by_arm: dict[str, list[Run]] = {}

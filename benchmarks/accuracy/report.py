@@ -31,7 +31,9 @@ def verdict_rows(results: dict[str, dict[str, ArmResult]]) -> list[list[str]]:
         for arm, r in res.items():
             if arm == "none":
                 continue
-            if r.time_to_full is None:
+            if full is None:
+                when = "-"
+            elif r.time_to_full is None:
                 when = f"not reached (0/{r.top1.n})"
             else:
                 when = f"{r.time_to_full:.0f} s = {r.time_to_full / full_wall:.2f}x ({r.reached}/{r.top1.n} seeds)"

@@ -242,11 +242,16 @@ def test_dissect_is_compared_with_every_other_selecting_rule_paired():
     assert rows[0][:2] == ["memorisation, 40% noise, rate 0.3", "dissect_warmup"] and rows[0][2].startswith("**win** +")
 
 
-def test_onepass_adds_the_one_pass_regime_with_equal_budgets(tmp_path):
+def test_onepass_and_rate2_add_their_parts_of_the_whole_matrix_with_equal_budgets(tmp_path):
     from benchmarks import accuracy
 
-    scale, matrix, name, command = accuracy.configure(accuracy.parse(["--onepass", "--reference"]))
-    assert matrix.onepass_noises == (0.4,) and command.endswith("--reference --onepass") and "(--onepass)" in name
+    scale, matrix, name, command = accuracy.configure(accuracy.parse(["--rate2", "--onepass", "--reference"]))
+    assert (
+        matrix.onepass_noises == (0.4,) and command.endswith("--reference --onepass --rate2") and "(--onepass)" in name
+    )
+    rate2 = [j for j in plan.jobs(scale, matrix, tmp_path) if j.rate == scale.rate2]
+    assert sorted({(j.noise, j.arm) for j in rate2}) == sorted((0.4, a) for a in plan.RATE2_ARMS)
+    assert all(f"selection.rate={scale.rate2}" in j.overrides and j.regime == "mem" for j in rate2)
     onepass = [j for j in plan.jobs(scale, matrix, tmp_path) if j.regime == "onepass"]
     assert sorted({j.arm for j in onepass}) == sorted(plan.ONEPASS_ARMS) and len(onepass) == 5 * len(plan.SEEDS)
     for job in onepass:  # one epoch over the larger set; every selecting arm at the same rate
@@ -254,4 +259,20 @@ def test_onepass_adds_the_one_pass_regime_with_equal_budgets(tmp_path):
         assert f"selection.rate={1.0 if job.arm == 'none' else scale.rate}" in job.overrides
     # The default and --all: no flag in the command, the regime as their matrices say.
     assert accuracy.configure(accuracy.parse([]))[1].onepass_noises == ()
-    assert " --onepass" not in accuracy.configure(accuracy.parse(["--all", "--onepass"]))[3]
+    assert (
+        accuracy.configure(accuracy.parse(["--all", "--onepass", "--rate2"]))[3]
+        == "python -m benchmarks.accuracy --all"
+    )
+
+
+def test_a_setting_at_rate_two_is_compared_with_the_same_full_data_runs(tmp_path):
+    from benchmarks.accuracy import analyse
+
+    scale = plan.CPU
+    matrix = plan.Matrix(noises=(0.4,), arms=("none", "random"), seeds=(0, 1), rate2_noises=(0.4,), world2_check=False)
+    runs = [analyse.Run(j, [], [], {}, 0.0) for j in plan.jobs(scale, matrix, tmp_path)]
+    groups = analyse.by_setting(runs, scale.rate)
+    at_rate2 = groups[("mem", 0.4, scale.rate2)]
+    full = [r for r in groups[("mem", 0.4, scale.rate)] if r.job.arm == "none"]
+    assert len(full) == 2 and [r for r in at_rate2 if r.job.arm == "none"] == full
+    assert {r.job.arm for r in at_rate2} == {"none", *plan.RATE2_ARMS}
