@@ -10,6 +10,7 @@ an arm is compared with a reference through the per-seed differences.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import tarfile
 from collections.abc import Sequence
@@ -171,6 +172,19 @@ def time_to(run: Run, target: float, key: str = TOP1) -> float | None:
     return None if step is None else float(run.wall[step - 1])
 
 
+def warned(run: Run) -> bool:
+    """Whether the trainer's label-free warning (:class:`EarlySnapshotAlarm`, fed the steps
+    after the warm-up, as in training) fired in this run: replayed from its metrics."""
+    from dissect_ds.selection.diagnostics import EarlySnapshotAlarm
+
+    alarm, after = EarlySnapshotAlarm(), warmup_steps(run.job)
+    logging.disable(logging.WARNING)  # the run logged it already
+    try:
+        return any(alarm.add(m["step"], m) for m in run.steps if m["step"] > after)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def late_mean(run: Run, key: str, last_frac: float = 0.2, per_epoch: bool = False) -> float:
     """Mean of ``key`` over the last ``last_frac`` of the steps (NaN when never logged)."""
     total = run.steps[-1]["step"]
@@ -196,6 +210,8 @@ class ArmResult:
     noisy_recall: Interval
     auroc_current: Interval
     auroc_differential: Interval
+    rank_corr: Interval  # Spearman of the differential with the current score (late)
+    warned: int  # seeds whose run raised the label-free warning
 
 
 def by_setting(runs: list[Run], rate: float) -> dict[tuple[str, float, float], list[Run]]:
@@ -245,6 +261,8 @@ def setting_results(runs: list[Run]) -> dict[str, ArmResult]:
             noisy_recall=Interval.of([late_mean(r, "selection/noisy_recall") for r in rs]),
             auroc_current=Interval.of([late_mean(r, "selection/auroc_current") for r in rs]),
             auroc_differential=Interval.of([late_mean(r, "selection/auroc_differential") for r in rs]),
+            rank_corr=Interval.of([late_mean(r, "selection/rank_corr_d_c") for r in rs]),
+            warned=sum(warned(r) for r in rs if is_dissect(arm)),
         )
     return out
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from benchmarks.accuracy.analyse import TOP1, ArmResult, Gate, Interval, Run, against_rules
-from benchmarks.accuracy.plan import Matrix, Scale
+from benchmarks.accuracy.plan import Matrix, Scale, is_dissect
 from benchmarks.common import md_table
 
 
@@ -86,6 +86,7 @@ def setting_table(res: dict[str, ArmResult]) -> str:
                 r.noisy_recall.fmt(2) if arm != "none" else "-",
                 r.auroc_current.fmt(2),
                 r.auroc_differential.fmt(2),
+                f"{r.warned}/{r.top1.n}; {r.rank_corr.fmt(2, signed=True)}" if is_dissect(arm) else "-",
             ]
         )
     head = [
@@ -102,6 +103,7 @@ def setting_table(res: dict[str, ArmResult]) -> str:
         "noisy recall (late)",
         "AUROC current (late)",
         "AUROC differential (late)",
+        "label-free warning (seeds); Spearman d, c (late)",
     ]
     return md_table(head, rows)
 
@@ -236,7 +238,11 @@ def page(
         "noisy pairs left out) averaged over the last 20% of the steps; AUROC of clean vs noisy for the current "
         "score and for the differential over the last 20% of the epochs (for `none`: the differential against a "
         "shadow snapshot taken at the end of the others' warm-up, seed "
-        f"{matrix.seeds[0]} only; for the DISSect arms: their own history, under the feedback loop).",
+        f"{matrix.seeds[0]} only; for the DISSect arms: their own history, under the feedback loop). DISSect "
+        "arms also: how many seeds raised the trainer's label-free warning (the differential ranks against the "
+        "current score while the kept pairs score below the batch mean; replayed from each run's metrics by "
+        "`EarlySnapshotAlarm`, over the steps after the warm-up) and the Spearman correlation of the differential "
+        "with the current score over the last 20% of the steps (needs no noise labels).",
         "",
     ]
     for label, res in results.items():

@@ -28,7 +28,7 @@ def _check_page(out: Path, work: Path, world2: bool = True) -> dict:
     assert "python -m benchmarks.accuracy --quick" in page  # says how to reproduce it
     assert "Gate passed" in page or "Gate FAILED" in page
     assert "retrieval ceiling is 1.0" in page and ("## World-size check" in page) == world2
-    assert "## DISSect against the other rules" in page
+    assert "## DISSect against the other rules" in page and "label-free warning (seeds)" in page
     summary = json.loads((work / "accuracy.json").read_text())
     settings = summary["settings"]
     assert set(settings) == {
@@ -276,3 +276,19 @@ def test_a_setting_at_rate_two_is_compared_with_the_same_full_data_runs(tmp_path
     full = [r for r in groups[("mem", 0.4, scale.rate)] if r.job.arm == "none"]
     assert len(full) == 2 and [r for r in at_rate2 if r.job.arm == "none"] == full
     assert {r.job.arm for r in at_rate2} == {"none", *plan.RATE2_ARMS}
+
+
+def test_the_label_free_warning_is_replayed_after_the_warm_up_only(tmp_path):
+    from benchmarks.accuracy import analyse
+
+    matrix = plan.Matrix(noises=(0.4,), arms=("dissect_warmup",), seeds=(0,), world2_check=False)
+    job = plan.jobs(plan.QUICK, matrix, tmp_path)[0]
+    warm = analyse.warmup_steps(job)
+
+    def run(corr: float, start: int, steps: int = 60) -> analyse.Run:
+        lines = [{"step": s, "loss": 1.0, "selection/rank_corr_d_c": corr} for s in range(start, start + steps)]
+        return analyse.Run(job, lines, [], {}, 0.0)
+
+    assert analyse.warned(run(-0.9, warm + 1))  # 50 selections after the warm-up below -0.6
+    assert not analyse.warned(run(-0.3, warm + 1))
+    assert not analyse.warned(run(-0.9, warm - 49))  # only 10 of them after the warm-up
