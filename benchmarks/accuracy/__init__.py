@@ -183,12 +183,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--onepass",
         action="store_true",
         help="add the one-pass regime at 40%% noise (full data, random, small-loss, current-score, dissect_model; "
-        "about 10 more minutes on 2 cores)",
+        "about 5 more minutes on 2 cores)",
     )
     p.add_argument(
         "--rate2",
         action="store_true",
-        help=f"add rate {plan.CPU.rate2:g} at 40%% noise for {', '.join(plan.RATE2_ARMS)} (about 20 more minutes on "
+        help=f"add rate {plan.CPU.rate2:g} at 40%% noise for {', '.join(plan.RATE2_ARMS)} (about 15 more minutes on "
         "2 cores)",
     )
     p.add_argument(
@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
     if md_dir.resolve() == (c.DOCS / "bench").resolve() and not args.scale:  # the repository's page
         from benchmarks import run_all
 
-        page = run_all.assemble(c.DOCS, f"{took / 60:.1f} min (accuracy)", ("accuracy",), command)
+        part = "accuracy" + (f"; {reused} of its {len(jobs)} runs reused from earlier invocations" if reused else "")
+        page = run_all.assemble(c.DOCS, f"{took / 60:.1f} min ({part})", ("accuracy",), command)
         print(f"accuracy: updated {page}", flush=True)
     return summary

@@ -141,7 +141,10 @@ def page(
         "",
         "## Design",
         "",
-        f"- **Task.** `python -m dissect_ds.prepare synthetic --image-size {scale.image_size}`: one coloured shape per "
+        f"- **Task.** `python -m dissect_ds.prepare synthetic --num-samples {scale.train} --noise-rate "
+        f"{max(matrix.noises):g} --seed 0 --val-samples {scale.val} --image-size {scale.image_size} --shard-size "
+        f"{scale.shard} --output DIR` (one set per regime and noise rate; the one-pass set has "
+        f"{scale.onepass_train:,} pairs): one coloured shape per "
         "image (8 colours x 6 shapes = 48 classes, 3 sizes, 9 positions, dark/grey/light background, sometimes grey "
         "clutter strokes no caption names). Clean pairs of graded difficulty: small objects, low contrast, clutter, "
         "and 6 colour-shape combinations that are rare in train (weight 0.08) but as common as the others in val. "
