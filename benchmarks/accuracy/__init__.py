@@ -144,6 +144,18 @@ def _arms(text: str) -> tuple[str, ...]:
     return names
 
 
+def _seeds(text: str) -> tuple[int, ...]:
+    """``--seeds 5,6,7,8,9``: at least two distinct seeds (an interval needs two)."""
+    values = tuple(int(n) for n in text.split(",") if n.strip().isdigit())
+    if (
+        len(values) != len([n for n in text.split(",") if n.strip()])
+        or len(set(values)) != len(values)
+        or len(values) < 2
+    ):
+        raise argparse.ArgumentTypeError(f"{text!r}: give two or more distinct seeds >= 0, e.g. 5,6,7,8,9")
+    return values
+
+
 def _noises(text: str) -> tuple[float, ...]:
     """``--noises 0,0.4``: noise rates of the memorisation regime, each one ``plan.NOISES`` has."""
     try:
@@ -190,6 +202,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help=f"add rate {plan.CPU.rate2:g} at 40%% noise for {', '.join(plan.RATE2_ARMS)} (about 15 more minutes on "
         "2 cores)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=_seeds,
+        metavar="S,T",
+        help="these seeds instead of 0-4, e.g. 5,6,7,8,9 to replicate a result on fresh seeds (every arm, the gate "
+        "too)",
     )
     p.add_argument(
         "--noises",
@@ -243,6 +262,9 @@ def configure(args: argparse.Namespace) -> tuple[plan.Scale, plan.Matrix, str, s
     if rate2:
         matrix = dataclasses.replace(matrix, rate2_noises=plan.ALL.rate2_noises)
         name += f", with rate {scale.rate2:g} (--rate2)"
+    if args.seeds:
+        matrix = dataclasses.replace(matrix, seeds=args.seeds)
+        name += f", seeds {','.join(map(str, args.seeds))} (--seeds)"
     if args.noises:
         matrix = dataclasses.replace(matrix, noises=args.noises)
         name += f", noise {','.join(f'{n:.0%}' for n in args.noises)} only (--noises)"
@@ -251,6 +273,7 @@ def configure(args: argparse.Namespace) -> tuple[plan.Scale, plan.Matrix, str, s
     command += f" --arms {','.join(extra)}" if extra else ""
     command += " --onepass" if onepass else ""
     command += " --rate2" if rate2 else ""
+    command += f" --seeds {','.join(map(str, args.seeds))}" if args.seeds else ""
     command += f" --noises {','.join(f'{n:g}' for n in args.noises)}" if args.noises else ""
     if args.scale:
         command += f" --scale '{args.scale}'"
@@ -262,7 +285,8 @@ def main(argv: list[str] | None = None) -> dict:
     scale, matrix, name, command = configure(args)
     if args.gate_only:
         work = args.work or c.WORK / "accuracy_gate"
-        jobs, took, _ = execute(scale, plan.GATE_ONLY, work, args.reuse, args.parallel)
+        gate_matrix = dataclasses.replace(plan.GATE_ONLY, seeds=matrix.seeds)
+        jobs, took, _ = execute(scale, gate_matrix, work, args.reuse, args.parallel)
         gate = analyse.gate([analyse.read_run(j) for j in jobs], scale)
         print(
             f"accuracy gate: {gate.line()}; {'passed' if gate.passed else 'FAILED'} ({took / 60:.1f} min)", flush=True

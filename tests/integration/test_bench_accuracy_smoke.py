@@ -171,7 +171,7 @@ def test_an_arm_at_epoch_e_moves_only_its_warm_up_and_bad_arms_or_noises_stop_th
     assert f"selection.warmup_steps={30 * spe}" in late and "selection.strategy=dissect_warmup" in late
     with pytest.raises(ValueError, match="must end before"):
         plan.overrides(plan.CPU, "mem", "dissect_model@60", 0, 0.3, tmp_path, tmp_path / "r", False)
-    for argv in (["--arms", "random@30"], ["--arms", "dissect_warmup@x"], ["--noises", "0.3"]):
+    for argv in (["--arms", "random@30"], ["--arms", "dissect_warmup@x"], ["--noises", "0.3"], ["--seeds", "5,5"]):
         with pytest.raises(SystemExit):
             accuracy.main(argv)
         assert "error:" in capsys.readouterr().err
@@ -245,15 +245,16 @@ def test_dissect_is_compared_with_every_other_selecting_rule_paired():
 def test_onepass_and_rate2_add_their_parts_of_the_whole_matrix_with_equal_budgets(tmp_path):
     from benchmarks import accuracy
 
-    scale, matrix, name, command = accuracy.configure(accuracy.parse(["--rate2", "--onepass", "--reference"]))
-    assert (
-        matrix.onepass_noises == (0.4,) and command.endswith("--reference --onepass --rate2") and "(--onepass)" in name
-    )
+    argv = ["--rate2", "--onepass", "--reference", "--seeds", "5,6,7,8,9"]
+    scale, matrix, name, command = accuracy.configure(accuracy.parse(argv))
+    assert matrix.onepass_noises == (0.4,) and "(--onepass)" in name and matrix.seeds == (5, 6, 7, 8, 9)
+    assert command.endswith("--reference --onepass --rate2 --seeds 5,6,7,8,9")
     rate2 = [j for j in plan.jobs(scale, matrix, tmp_path) if j.rate == scale.rate2]
     assert sorted({(j.noise, j.arm) for j in rate2}) == sorted((0.4, a) for a in plan.RATE2_ARMS)
     assert all(f"selection.rate={scale.rate2}" in j.overrides and j.regime == "mem" for j in rate2)
     onepass = [j for j in plan.jobs(scale, matrix, tmp_path) if j.regime == "onepass"]
-    assert sorted({j.arm for j in onepass}) == sorted(plan.ONEPASS_ARMS) and len(onepass) == 5 * len(plan.SEEDS)
+    assert sorted({j.arm for j in onepass}) == sorted(plan.ONEPASS_ARMS) and len(onepass) == 5 * 5
+    assert {j.seed for j in plan.jobs(scale, matrix, tmp_path) if j.regime != "ref"} == {5, 6, 7, 8, 9}
     for job in onepass:  # one epoch over the larger set; every selecting arm at the same rate
         assert f"train.steps={scale.onepass_steps}" in job.overrides
         assert f"selection.rate={1.0 if job.arm == 'none' else scale.rate}" in job.overrides
