@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
     scale, matrix, name, command = configure(args)
     if args.gate_only:
         work = args.work or c.WORK / "accuracy_gate"
-        gate_matrix = dataclasses.replace(plan.GATE_ONLY, seeds=matrix.seeds)
+        gate_matrix = dataclasses.replace(plan.GATE_ONLY, seeds=args.seeds or plan.GATE_ONLY.seeds)
         jobs, took, _ = execute(scale, gate_matrix, work, args.reuse, args.parallel)
         gate = analyse.gate([analyse.read_run(j) for j in jobs], scale)
         print(
