@@ -146,12 +146,9 @@ def _arms(text: str) -> tuple[str, ...]:
 
 def _seeds(text: str) -> tuple[int, ...]:
     """``--seeds 5,6,7,8,9``: at least two distinct seeds (an interval needs two)."""
-    values = tuple(int(n) for n in text.split(",") if n.strip().isdigit())
-    if (
-        len(values) != len([n for n in text.split(",") if n.strip()])
-        or len(set(values)) != len(values)
-        or len(values) < 2
-    ):
+    parts = [n.strip() for n in text.split(",") if n.strip()]
+    values = tuple(int(n) for n in parts if n.isdigit())
+    if len(values) != len(parts) or len(set(values)) != len(values) or len(values) < 2:
         raise argparse.ArgumentTypeError(f"{text!r}: give two or more distinct seeds >= 0, e.g. 5,6,7,8,9")
     return values
 
