@@ -178,11 +178,12 @@ def warned(run: Run) -> bool:
     from dissect_ds.selection.diagnostics import EarlySnapshotAlarm
 
     alarm, after = EarlySnapshotAlarm(), warmup_steps(run.job)
+    previous = logging.root.manager.disable
     logging.disable(logging.WARNING)  # the run logged it already
     try:
         return any(alarm.add(m["step"], m) for m in run.steps if m["step"] > after)
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(previous)
 
 
 def late_mean(run: Run, key: str, last_frac: float = 0.2, per_epoch: bool = False) -> float:

@@ -5,6 +5,7 @@ with its tiny CPU setting. The numbers mean nothing; the structure and the budge
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -293,3 +294,9 @@ def test_the_label_free_warning_is_replayed_after_the_warm_up_only(tmp_path):
     assert analyse.warned(run(-0.9, warm + 1))  # 50 selections after the warm-up below -0.6
     assert not analyse.warned(run(-0.3, warm + 1))
     assert not analyse.warned(run(-0.9, warm - 49))  # only 10 of them after the warm-up
+    logging.disable(logging.INFO)  # a caller's own setting survives the replay
+    try:
+        analyse.warned(run(-0.9, warm + 1))
+        assert logging.root.manager.disable == logging.INFO
+    finally:
+        logging.disable(logging.NOTSET)
