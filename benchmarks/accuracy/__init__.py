@@ -96,8 +96,12 @@ def analyse_and_write(
         "date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         "took": f"{took_s / 60:.1f} min ({len(jobs)} runs)"
         if not reused
-        else f"{took_s / 60:.1f} min for {len(jobs) - reused} new runs; {reused} finished runs were reused (--reuse) "
-        f"from an earlier invocation; all {len(jobs)} runs' own durations sum to "
+        else (
+            f"{took_s / 60:.1f} min for {len(jobs) - reused} new runs; {reused} finished runs were reused (--reuse) "
+            if reused < len(jobs)
+            else f"{took_s / 60:.1f} min: all its runs were reused (--reuse) "
+        )
+        + f"from earlier invocations; all {len(jobs)} runs' own durations sum to "
         f"{sum(x['seconds'] for x in launches) / 60:.0f} min ({parallel} side by side)",
         "machine": c.machine_line(),
         "cores": c.cores(),
