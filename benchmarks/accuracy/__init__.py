@@ -92,17 +92,20 @@ def analyse_and_write(
     plot.selection(diag_runs, shares, scale.rate, noise, spe, img_dir / "accuracy_selection.png")
     plot.scores(diag_runs, spe, img_dir / "accuracy_scores.png")
 
+    took = f"{took_s / 60:.1f} min"
+    if reused:
+        own = f"all {len(jobs)} runs' own durations sum to {sum(x['seconds'] for x in launches) / 60:.0f} min"
+        which = (
+            f" for {len(jobs) - reused} new runs; {reused} finished runs were"
+            if reused < len(jobs)
+            else ": all its runs were"
+        )
+        took += f"{which} reused (--reuse) from earlier invocations; {own} ({parallel} side by side)"
+    else:
+        took += f" ({len(jobs)} runs)"
     meta_line = {
         "date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
-        "took": f"{took_s / 60:.1f} min ({len(jobs)} runs)"
-        if not reused
-        else (
-            f"{took_s / 60:.1f} min for {len(jobs) - reused} new runs; {reused} finished runs were reused (--reuse) "
-            if reused < len(jobs)
-            else f"{took_s / 60:.1f} min: all its runs were reused (--reuse) "
-        )
-        + f"from earlier invocations; all {len(jobs)} runs' own durations sum to "
-        f"{sum(x['seconds'] for x in launches) / 60:.0f} min ({parallel} side by side)",
+        "took": took,
         "machine": c.machine_line(),
         "cores": c.cores(),
         "gpu": c.gpu_names() != "none",
