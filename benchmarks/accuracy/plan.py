@@ -132,7 +132,8 @@ class Scale:
 # third longer. On another CPU model the same seeds give other values (seed SD 0.036 there):
 # weight decay 1.0 or 3.0 and batch 256 did not narrow the spread; model dissect-bench-vit-w128
 # did (seed SD 0.014) at 2.6 times the cost per run; 4,096 or 8,192 pairs for the same steps raised
-# the mean to 0.74-0.75 and left the seed SD at 0.024-0.033.
+# the mean to 0.74-0.75 and left the seed SD at 0.024-0.033; lr 0.001 left it at 0.024 and 32 px
+# images trained worse (0.21). The spread is in how well each seed learns shape at 24 px.
 CPU = Scale(
     model="dissect-bench-vit",
     image_size=24,
