@@ -124,16 +124,11 @@ class Scale:
         return self.onepass_train // self.batch
 
 
-# Calibrated on the 2-core machine with one torch thread per run (docs/method_findings.md):
-# full data at 0% noise, seeds 0-4, spread over 0.136 at 48 epochs, 0.051 at 60, 0.032 at 80
-# and 0.037 at 100 (the gate wants 0.03). At 60 epochs a full-data run trained for about 190 s
-# and the default matrix took about 55 minutes before the decode cache (its runs are about 30%
-# faster with it: make bench whole took 53 minutes on 2026-12-04, accuracy 35); 80 epochs take a
-# third longer. On another CPU model the same seeds give other values (seed SD 0.036 there):
-# weight decay 1.0 or 3.0 and batch 256 did not narrow the spread; model dissect-bench-vit-w128
-# did (seed SD 0.014) at 2.6 times the cost per run; 4,096 or 8,192 pairs for the same steps raised
-# the mean to 0.74-0.75 and left the seed SD at 0.024-0.033; lr 0.001 left it at 0.024 and 32 px
-# images trained worse (0.21). The spread is in how well each seed learns shape at 24 px.
+# Calibrated on the 2-core machine with one torch thread per run: 60 epochs is the longest schedule
+# whose default matrix fits make bench's hour (53 minutes whole on 2026-12-04, 35 of them accuracy;
+# 80 epochs take a third longer). No setting tried that fits the hour brings full data's seeds within
+# the gate's 0.03; docs/method_findings.md ("What narrows the spread") has every candidate tried
+# and where the spread sits.
 CPU = Scale(
     model="dissect-bench-vit",
     image_size=24,
