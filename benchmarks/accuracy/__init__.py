@@ -32,6 +32,16 @@ def _data(scale: plan.Scale, jobs: list[plan.Job], work: Path) -> None:
         run.prepare_data(out, n, noise, scale.val, scale.image_size, scale.shard, seed=seed)
 
 
+def _gate_val(work: Path) -> Path:
+    """The val split the gate's runs (full data, 0% noise) were evaluated on."""
+    return work / "data" / plan.data_name("mem", 0.0) / "val"
+
+
+def _gate_summary(gate: analyse.Gate) -> dict:
+    where = dataclasses.asdict(gate.anatomy) if gate.anatomy else None
+    return {"values": gate.values, "passed": gate.passed, "anatomy": where}
+
+
 def execute(
     scale: plan.Scale, matrix: plan.Matrix, work: Path, reuse: bool, parallel: int = run.PARALLEL
 ) -> tuple[list[plan.Job], float, int]:
@@ -69,7 +79,7 @@ def analyse_and_write(
     order = sorted(by_setting, key=lambda s: (s[0] != "mem", s[2], s[1]))
     labels = {s: report.setting_label(*s) for s in order}
     results = {labels[s]: analyse.setting_results(by_setting[s]) for s in order}
-    gate = analyse.gate(single, scale)
+    gate = analyse.gate(single, scale, _gate_val(work))
     val = analyse.val_facts(work / "data" / plan.data_name("mem", matrix.noises[0]) / "val")
 
     # Diagnostics on the first seed of the noisiest memorisation setting at rate 0.3.
@@ -129,7 +139,7 @@ def analyse_and_write(
     )
     (md_dir / "accuracy.md").write_text(text)
     summary = {
-        "gate": {"values": gate.values, "passed": gate.passed},
+        "gate": _gate_summary(gate),
         "settings": {label: {arm: dataclasses.asdict(r) for arm, r in res.items()} for label, res in results.items()},
         "verdicts": report.verdict_rows(results),
         "dissect_vs_rules": report.rule_rows(results)[1],
@@ -291,11 +301,13 @@ def main(argv: list[str] | None = None) -> dict:
         work = args.work or c.WORK / "accuracy_gate"
         gate_matrix = dataclasses.replace(plan.GATE_ONLY, seeds=args.seeds or plan.GATE_ONLY.seeds)
         jobs, took, _ = execute(scale, gate_matrix, work, args.reuse, args.parallel)
-        gate = analyse.gate([analyse.read_run(j) for j in jobs], scale)
+        gate = analyse.gate([analyse.read_run(j) for j in jobs], scale, _gate_val(work))
+        where = f"; {gate.anatomy.line()}" if gate.anatomy else ""
         print(
-            f"accuracy gate: {gate.line()}; {'passed' if gate.passed else 'FAILED'} ({took / 60:.1f} min)", flush=True
+            f"accuracy gate: {gate.line()}; {'passed' if gate.passed else 'FAILED'} ({took / 60:.1f} min){where}",
+            flush=True,
         )
-        return {"gate": {"values": gate.values, "passed": gate.passed}, "took_s": took}
+        return {"gate": _gate_summary(gate), "took_s": took}
     md_dir, img_dir = (args.out, args.out / "img") if args.out else (c.DOCS / "bench", c.DOCS / "img")
     work = args.work or (args.out / "work" if args.out else c.WORK / "accuracy")
     for d in (md_dir, img_dir, work):

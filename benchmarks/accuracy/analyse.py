@@ -276,11 +276,80 @@ def against_rules(res: dict[str, ArmResult]) -> dict[str, dict[str, Interval]]:
     return {d: {r: paired(res[d].by_seed, res[r].by_seed) for r in rules} for d in res if is_dissect(d)}
 
 
+@dataclass(frozen=True)
+class Anatomy:
+    """Where full data's seeds differ: each gate run's export re-scored per val image. The
+    class is "<colour> <shape>", so a zero-shot answer can name the colour, the shape, both
+    or neither; ``item_sd`` is the standard deviation that drawing the val images alone
+    would give one seed's top-1 (the square root of the seeds' mean pairwise disagreement
+    over twice the images)."""
+
+    top1: dict[int, float]
+    colour: dict[int, float]
+    shape: dict[int, float]
+    item_sd: float
+
+    def line(self) -> str:
+        """``colour right on 0.936-0.973 of the val images, shape on ...``"""
+
+        def span(v: dict[int, float]) -> str:
+            return f"{min(v.values()):.3f}-{max(v.values()):.3f}"
+
+        return (
+            f"colour right on {span(self.colour)} of the val images, shape on {span(self.shape)}; drawing the val "
+            f"images alone would move one seed's top-1 by {self.item_sd:.4f} (SD)"
+        )
+
+
+def zeroshot_answers(export: Path, val_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(zero-shot class, label) of every val image, by ``export`` (an open_clip directory)
+    with the trainer's classifier and the set's own class names and prompts."""
+    import open_clip
+    import torch
+
+    from dissect_ds.data import DataConfig, iter_val, read_classnames, read_templates
+    from dissect_ds.evaluate import TEMPLATES
+    from dissect_ds.evaluation import ModelEncoder
+    from dissect_ds.evaluation.run import zeroshot_classifier
+
+    spec = f"local-dir:{export}"
+    model, _, preprocess = open_clip.create_model_and_transforms(spec)
+    encoder = ModelEncoder(model, preprocess, open_clip.get_tokenizer(spec))
+    data = DataConfig(val=str(val_dir))
+    classifier = zeroshot_classifier(encoder, read_classnames(data), read_templates(data) or TEMPLATES)
+    answers, labels = [], []
+    for b in iter_val(data, rank=0, world_size=1, batch_size=512, preprocess=preprocess, tokenizer=encoder.tokenizer):
+        answers.append((encoder.encode_image(b.images) @ classifier).argmax(1))
+        labels.append(b.labels)
+    return torch.cat(answers).numpy(), torch.cat(labels).numpy()
+
+
+def anatomy(none: list[Run], val_dir: Path) -> Anatomy | None:
+    """The gate runs' (full data, 0% noise) answers split into colour and shape; None
+    without two seeds to compare."""
+    from dissect_ds.data.synthetic import SHAPES
+
+    if len(none) < 2:
+        return None
+    n = len(SHAPES)  # label = colour index * n + shape index
+    answers = {r.job.seed: zeroshot_answers(Path(r.job.run_dir) / "open_clip", val_dir) for r in none}
+    right = {s: a == y for s, (a, y) in answers.items()}
+    seeds = sorted(right)
+    disagree = [np.mean(right[a] != right[b]) for i, a in enumerate(seeds) for b in seeds[i + 1 :]]
+    return Anatomy(
+        top1={s: float(right[s].mean()) for s in seeds},
+        colour={s: float(np.mean(a // n == y // n)) for s, (a, y) in sorted(answers.items())},
+        shape={s: float(np.mean(a % n == y % n)) for s, (a, y) in sorted(answers.items())},
+        item_sd=float(np.sqrt(np.mean(disagree) / (2 * len(right[seeds[0]])))),
+    )
+
+
 @dataclass
 class Gate:
     values: dict[int, float]
     threshold: float
     spread: float
+    anatomy: Anatomy | None = None
 
     @property
     def passed(self) -> bool:
@@ -292,10 +361,12 @@ class Gate:
         return ", ".join(f"seed {s}: {v:.3f}" for s, v in sorted(self.values.items()))
 
 
-def gate(runs: list[Run], scale: Scale) -> Gate:
-    """Full data at 0% noise in the memorisation regime: every seed's final top-1."""
+def gate(runs: list[Run], scale: Scale, val_dir: Path | None = None) -> Gate:
+    """Full data at 0% noise in the memorisation regime: every seed's final top-1 (and,
+    given its val split, where the seeds differ)."""
     none = [r for r in runs if r.job.arm == "none" and r.job.noise == 0.0 and r.job.regime == "mem"]
-    return Gate(final_by_seed(none), scale.gate, scale.gate_spread)
+    where = anatomy(none, val_dir) if val_dir is not None else None
+    return Gate(final_by_seed(none), scale.gate, scale.gate_spread, where)
 
 
 def world2_check(runs: list[Run]) -> tuple[Run, Run] | None:

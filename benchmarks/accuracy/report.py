@@ -4,6 +4,7 @@ diagnostics, and what was run."""
 from __future__ import annotations
 
 import math
+import statistics
 
 from benchmarks.accuracy.analyse import TOP1, ArmResult, Gate, Interval, Run, against_rules
 from benchmarks.accuracy.plan import Matrix, Scale, is_dissect
@@ -108,6 +109,22 @@ def setting_table(res: dict[str, ArmResult]) -> str:
     return md_table(head, rows)
 
 
+def _anatomy(gate: Gate) -> list[str]:
+    """Where full data's seeds differ: colour or shape (lines of the gate section)."""
+    a = gate.anatomy
+    if a is None:
+        return []
+    rows = [[str(s), _f(gate.values[s]), _f(a.colour[s]), _f(a.shape[s])] for s in sorted(a.colour)]
+    return [
+        "Where the seeds differ: each run's export re-scored per val image (the class is colour and shape; top-1 "
+        f"needs both): {a.line()}, against a standard deviation of {statistics.stdev(gate.values.values()):.4f} "
+        "between the seeds.",
+        "",
+        md_table(["seed", "zero-shot top-1", "colour right", "shape right"], rows),
+        "",
+    ]
+
+
 def page(
     scale: Scale,
     matrix: Matrix,
@@ -198,6 +215,7 @@ def page(
         f"the seeds within {scale.gate_spread} of each other (max - min). Measured: {gate_line or 'no runs'} "
         f"(spread {_f(spread)}).",
         "",
+        *_anatomy(gate),
         f"**Gate {'passed' if gate.passed else 'FAILED'}.**"
         + (
             ""

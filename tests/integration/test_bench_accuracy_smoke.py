@@ -45,6 +45,17 @@ def _check_page(out: Path, work: Path, world2: bool = True) -> dict:
         for arm, r in arms.items():
             assert r["top1"]["n"] == 2 and 0 <= r["top1"]["mean"] <= 1, (label, arm)
             assert math.isfinite(r["r1"]["mean"])
+    # Where the gate's seeds differ: the exports re-scored per val image give the trainer's
+    # own top-1 (to an image or two of the 48-96), and an answer right on the class is right on colour and shape.
+    gate = summary["gate"]
+    where, n = gate["anatomy"], summary["settings"]["memorisation, 0% noise, rate 0.3"]["none"]["top1"]["n"]
+    assert where and len(where["top1"]) == n and "colour right" in page
+    for seed, top1 in gate["values"].items():
+        assert (
+            abs(where["top1"][seed] - top1) <= 1 / 48
+            and min(where["colour"][seed], where["shape"][seed]) >= where["top1"][seed]
+        )
+    assert 0 < where["item_sd"] < 0.1
     verdicts = summary["verdicts"]
     assert verdicts and all(row[2].strip("*") in {"win", "tie", "loss", "(reference)"} for row in verdicts)
     return summary
@@ -112,6 +123,28 @@ def test_paired_interval_matches_scipys_paired_t_test():
         assert math.isclose(d.lo, ci.low, abs_tol=1e-12) and math.isclose(d.hi, ci.high, abs_tol=1e-12)
         assert d.verdict() == expected and (test.pvalue < 0.05) == (expected != "tie")
     assert paired(a, {9: 0.5}).verdict() == "n/a" and Interval.of([0.5]).fmt() == "0.500"
+
+
+def test_the_gate_anatomy_splits_each_answer_into_colour_and_shape(monkeypatch):
+    """A plain recount of made-up answers (label = colour x 6 + shape) against ``anatomy``."""
+    import numpy as np
+
+    from benchmarks.accuracy import analyse
+
+    label = np.array([0, 7, 13, 47, 20, 30])  # (colour, shape): (0,0) (1,1) (2,1) (7,5) (3,2) (5,0)
+    answers = {
+        0: np.array([0, 7, 14, 41, 20, 31]),  # right, right, colour only, shape only, right, colour only
+        1: np.array([6, 7, 13, 47, 26, 30]),  # shape only, right, right, right, shape only, right
+    }
+    monkeypatch.setattr(analyse, "zeroshot_answers", lambda export, val: (answers[int(export.parent.name)], label))
+    runs = [
+        analyse.Run(plan.Job("x", "mem", 0.0, 0.3, "none", s, 1, f"/r/{s}", (), 0.0), [], [], {}, 0.0) for s in (0, 1)
+    ]
+    a = analyse.anatomy(runs, Path("val"))
+    assert a.top1 == {0: 3 / 6, 1: 4 / 6} and a.colour == {0: 5 / 6, 1: 4 / 6} and a.shape == {0: 4 / 6, 1: 6 / 6}
+    # right:  seed 0 [1 1 0 0 1 0], seed 1 [0 1 1 1 0 1]: they disagree on 5 of 6 images.
+    assert math.isclose(a.item_sd, math.sqrt(5 / 6 / (2 * 6)))
+    assert analyse.anatomy(runs[:1], Path("val")) is None
 
 
 def test_reference_arms_read_a_reference_trained_first_on_held_out_clean_pairs(tmp_path):
