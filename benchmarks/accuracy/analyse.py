@@ -312,9 +312,9 @@ def zeroshot_answers(export: Path, val_dir: Path) -> tuple[np.ndarray, np.ndarra
     from dissect_ds.evaluation import ModelEncoder
     from dissect_ds.evaluation.run import zeroshot_classifier
 
-    spec = f"local-dir:{export}"
-    model, _, preprocess = open_clip.create_model_and_transforms(spec)
-    encoder = ModelEncoder(model, preprocess, open_clip.get_tokenizer(spec))
+    spec, device = f"local-dir:{export}", "cuda" if torch.cuda.is_available() else "cpu"
+    model, _, preprocess = open_clip.create_model_and_transforms(spec, device=device)
+    encoder = ModelEncoder(model, preprocess, open_clip.get_tokenizer(spec), device)
     data = DataConfig(val=str(val_dir))
     classifier = zeroshot_classifier(encoder, read_classnames(data), read_templates(data) or TEMPLATES)
     answers, labels = [], []
