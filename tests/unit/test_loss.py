@@ -50,13 +50,23 @@ def _ranked(rank, world, sizes):
     return float(loss), grad / world
 
 
-@pytest.mark.slow  # spawns 2-3 gloo ranks per case
-@pytest.mark.parametrize("sizes", [[4, 4], [3, 5], [6, 0], [2, 3, 0], [0, 4, 4], [1, 1, 1]])
-def test_gathered_loss_and_grads_match_single_process(sizes):
-    ref_loss, ref_grad = _reference(sizes)
-    for loss, grad in run_ranks(_ranked, len(sizes), sizes):
-        assert loss == pytest.approx(ref_loss, rel=1e-5)
-        torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
+def _cases(rank, world, cases):
+    return [_ranked(rank, world, sizes) for sizes in cases]
+
+
+CASES = {2: [[4, 4], [3, 5], [6, 0]], 3: [[2, 3, 0], [0, 4, 4], [1, 1, 1]]}
+
+
+@pytest.mark.slow  # spawns 2-3 gloo ranks (one group per world size, every case in it)
+@pytest.mark.parametrize("world", sorted(CASES))
+def test_gathered_loss_and_grads_match_single_process(world):
+    per_rank = run_ranks(_cases, world, CASES[world])
+    for i, sizes in enumerate(CASES[world]):
+        ref_loss, ref_grad = _reference(sizes)
+        for results in per_rank:
+            loss, grad = results[i]
+            assert loss == pytest.approx(ref_loss, rel=1e-5), sizes
+            torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
 
 
 def test_single_process_matches_clip_loss():
