@@ -40,6 +40,8 @@ def init_distributed() -> D.DistInfo:
     backend = "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
     if info.world_size > 1 or not D.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        if acc.device_name() == "cpu":
+            _unlink_shm_buffer(info.rank)
     if acc.device_name() != "cpu":
         acc.set_device(info.local_rank)
     elif "OMP_NUM_THREADS" not in os.environ:
@@ -47,6 +49,21 @@ def init_distributed() -> D.DistInfo:
         # one thread per core in every rank, and ranks sharing a node then oversubscribe it.
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // info.local_world_size))
     return info
+
+
+def _unlink_shm_buffer(rank: int) -> None:
+    """Remove this rank's name of DeepSpeed's CPU all-reduce buffer from /dev/shm.
+
+    On CPU, when every rank is on one node (the deepspeed launcher sets LOCAL_SIZE), DeepSpeed
+    creates a 66 MiB shared-memory buffer per rank and never unlinks it: each such run would
+    leave its buffers in /dev/shm (RAM) until a reboot. Once every rank has mapped every
+    buffer (the barrier), the names can go; the mappings live until the ranks exit, even
+    on kill -9.
+    """
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"  # DeepSpeed's shm.cpp naming
+    D.barrier()
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def device() -> torch.device:

@@ -70,13 +70,20 @@ def test_torchrun(reference):
     assert [m["samples_seen"] for m in rows] == [16 * s for s in range(1, STEPS + 1)]  # global batch of 16
 
 
+def _shm_buffers(port: int) -> list[str]:
+    """DeepSpeed's CPU all-reduce buffers in /dev/shm of the run on ``port`` (one per rank when
+    the launcher says every rank is local)."""
+    return sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
 def test_deepspeed_launcher_one_node(reference, synthetic):
-    run = reference / "deepspeed"
-    proc = _run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+    run, port = reference / "deepspeed", free_port()
+    proc = _run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
                  "--module", "dissect_ds.train", *_args(synthetic, reference, "deepspeed")])  # fmt: skip
     assert "exits successfully" in proc.stdout + proc.stderr
     _assert_trained_to_the_end(run)
     _assert_same_losses(run, reference / "torchrun")
+    assert _shm_buffers(port) == []  # DeepSpeed leaves them behind; the trainer unlinks them
 
 
 def test_mpirun(reference, synthetic):
@@ -145,13 +152,15 @@ def test_killing_the_deepspeed_launcher_checkpoints_and_stops_the_ranks(syntheti
 
     name = "orphan"
     args = [*_args(synthetic, tmp_path, name), "train.steps=100000", "checkpoint.every_steps=0"]
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "dissect_ds.train"]
+    port = free_port()
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module", "dissect_ds.train"]
     runner = subprocess.Popen(
         [*cmd, *args], cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     run = tmp_path / name
     try:
         _wait_for_step(run, 2, runner)
+        assert _shm_buffers(port) == []  # unlinked at start-up, so a killed run leaves none either
         runner.terminate()  # the runner only: its launch.py child and the ranks are left running
         runner.wait(timeout=60)
         deadline = time.time() + 300
