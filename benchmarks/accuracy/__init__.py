@@ -209,7 +209,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--onepass",
         action="store_true",
         help="add the one-pass regime at 40%% noise (122,880 pairs seen once, the memorisation regime's 960 steps; "
-        "full data, random, small-loss, current-score, dissect_model; about 25 more minutes on 2 cores)",
+        "full data, random, small-loss, current-score, dissect_model; about 30 more minutes on 2 cores)",
     )
     p.add_argument(
         "--rate2",
