@@ -131,15 +131,10 @@ def free_port() -> int:
 
 def bench_env() -> dict[str, str]:
     """The environment of every launched rank: one OpenMP thread per rank (2 ranks on
-    2 cores), the repo importable, DeepSpeed's JIT ops cached inside this venv.
-
-    The JIT cache is per venv on purpose: a cache shared with another venv (another
-    checkout's ``make test``) holds a build command that differs in its include paths,
-    so each side rebuilds the op (minutes on 2 busy cores) and start-up times jump.
-    """
+    2 cores), the repo importable. (Where DeepSpeed's JIT ops are cached and built is
+    ``dissect_ds.engine.pin_jit_builds``'s concern, which every rank calls.)"""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    env["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
     return env
 
 
@@ -147,7 +142,10 @@ def bench_env() -> dict[str, str]:
 def warm_jit(work: Path) -> None:
     """Build (or load) DeepSpeed's CPU shared-memory comm op once per process, before
     anything is timed, so no measured run pays for a compile."""
-    code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+    code = (
+        "from dissect_ds.engine import pin_jit_builds; pin_jit_builds(); "
+        "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+    )
     run([str(BIN / "python"), "-c", code], work / "logs" / "warm_jit.log", timeout=900)
 
 

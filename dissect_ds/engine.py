@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 
 import deepspeed
@@ -30,6 +31,7 @@ def init_distributed() -> D.DistInfo:
     gloo on CPU, NCCL on GPUs (via DeepSpeed's accelerator). Under mpirun, ranks agree on
     a master port through mpi4py before the TCP rendezvous.
     """
+    pin_jit_builds()
     env = D.env_from_launcher()
     mpi = "MASTER_PORT" not in os.environ and ("OMPI_COMM_WORLD_RANK" in os.environ or "PMI_RANK" in os.environ)
     os.environ.update(env)
@@ -49,6 +51,26 @@ def init_distributed() -> D.DistInfo:
         # one thread per core in every rank, and ranks sharing a node then oversubscribe it.
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // info.local_world_size))
     return info
+
+
+def pin_jit_builds() -> None:
+    """Build DeepSpeed's JIT-compiled CPU ops (the shared-memory comm op every CPU run
+    loads) once per venv, then load them from its cache.
+
+    Two things make the op rebuild (half a minute of g++ on 2 cores, the other ranks waiting
+    on its lock): a cache folder shared by several venvs (TORCH_EXTENSIONS_DIR's default,
+    ~/.cache/torch_extensions; each venv's build command has its own include paths), and two
+    ninja versions taking turns: torch runs the first ``ninja`` on PATH, and a system ninja
+    and the one DeepSpeed installs hash the same build command differently, so each takes the
+    other's build for stale. Hence the cache defaults to a folder in the venv (a user's
+    TORCH_EXTENSIONS_DIR is kept) and DeepSpeed's ninja comes first on PATH.
+    """
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    import ninja  # a DeepSpeed dependency
+
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != ninja.BIN_DIR:
+        os.environ["PATH"] = os.pathsep.join(p for p in (ninja.BIN_DIR, path) if p)
 
 
 def _unlink_shm_buffer(rank: int) -> None:

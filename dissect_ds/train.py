@@ -352,10 +352,6 @@ class Trainer:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # DeepSpeed JIT-compiles its CPU comm op into TORCH_EXTENSIONS_DIR, by default one folder
-    # shared by every venv of the machine, where venvs rebuild over each other and wait on its
-    # lock: keep one cache per venv unless the user chose one.
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     preemption = Preemption()  # before anything slow: USR1's default action kills the process
     # Rank 0 shows the package's info lines (e.g. the data layer counting shards without a
     # manifest); the other ranks only warnings, so a line is not printed W times.

@@ -6,8 +6,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# JIT-compiled DeepSpeed ops record their venv's paths: one cache per checkout.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import socket
 import subprocess
 import sys
@@ -219,3 +220,41 @@ def test_sigterm_checkpoints_and_exits_with_the_preempted_status(synthetic, tmp_
     step = int(out.split("preempted: checkpoint at step ")[1].split()[0])
     assert (tmp_path / name / "checkpoints" / "latest").read_text().strip() == f"step{step:08d}"
     assert not (tmp_path / name / ".lock").exists()  # released on the way out
+
+
+def test_the_jit_op_is_built_once_whichever_ninja_comes_first_on_path():
+    """Launchers pass different PATHs (torchrun keeps the caller's, the deepspeed launcher and
+    mpirun come from the venv's bin). A system ninja and the one DeepSpeed installs hash the
+    same build command differently, so ranks taking turns used to rebuild DeepSpeed's CPU comm
+    op each time (half a minute of g++ while the other ranks wait); every rank now builds with
+    DeepSpeed's ninja, and a start with the other PATH loads the build that is there."""
+    import ninja
+
+    system_path = "/usr/local/bin:/usr/bin:/bin"
+    system = shutil.which("ninja", path=system_path)
+    versions = {
+        subprocess.run([n, "--version"], capture_output=True, text=True).stdout
+        for n in (system, ninja.BIN_DIR + "/ninja")
+        if n
+    }
+    if len(versions) < 2:
+        pytest.skip("no system ninja of another version to take turns with")
+    env = launch_env()
+    env.pop("TORCH_EXTENSIONS_DIR", None)  # the default: a folder inside the venv
+    log = Path(sys.prefix, "torch_extensions", "deepspeed_shm_comm", ".ninja_log")
+    code = "from dissect_ds.engine import init_distributed; init_distributed(); print('op loaded')"
+
+    def start(path: str) -> int:
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=ROOT,
+            env={**env, "PATH": path},
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+        assert proc.returncode == 0 and "op loaded" in proc.stdout, proc.stderr[-2000:]
+        return log.read_text().count(".so\t")
+
+    builds = start(system_path)  # builds the op if this venv has none yet
+    assert start(f"{BIN}:{system_path}") == builds  # loaded, not rebuilt
