@@ -12,7 +12,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _data(synthetic) -> list[str]:
-    return [f"data.train={synthetic}/train", f"data.val={synthetic}/val"]
+    # Run directories away from the checkout's runs/: after `make demo`, runs/demo holds
+    # checkpoints, and loading configs/demo.yaml as it stands would (rightly) refuse it.
+    out = synthetic.parent / "config-test-runs"
+    return [f"data.train={synthetic}/train", f"data.val={synthetic}/val", f"run.output_dir={out}"]
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
