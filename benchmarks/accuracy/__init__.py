@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
         gate = analyse.gate([analyse.read_run(j) for j in jobs], scale, _gate_val(work))
         where = f"; {gate.anatomy.line()}" if gate.anatomy else ""
         print(
-            f"accuracy gate: {gate.line()}; {'passed' if gate.passed else 'FAILED'} ({took / 60:.1f} min){where}",
+            f"accuracy gate: {gate.line()}; {gate.verdict} ({took / 60:.1f} min){where}",
             flush=True,
         )
         return {"gate": _gate_summary(gate), "took_s": took}

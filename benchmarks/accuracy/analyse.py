@@ -356,6 +356,11 @@ class Gate:
         v = list(self.values.values())
         return bool(v) and min(v) >= self.threshold and max(v) - min(v) <= self.spread
 
+    @property
+    def verdict(self) -> str:
+        """``passed``, ``FAILED``, or ``not run`` (no full-data run at 0% noise in the matrix)."""
+        return "not run" if not self.values else "passed" if self.passed else "FAILED"
+
     def line(self) -> str:
         """``seed 0: 0.580, seed 1: 0.554, ...``"""
         return ", ".join(f"seed {s}: {v:.3f}" for s, v in sorted(self.values.items()))

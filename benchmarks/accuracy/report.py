@@ -109,6 +109,10 @@ def setting_table(res: dict[str, ArmResult]) -> str:
     return md_table(head, rows)
 
 
+def _not_evidence(gate: Gate) -> str:
+    return "" if gate.passed else f"**Not evidence: the gate {'failed' if gate.values else 'was not run'}.**"
+
+
 def _anatomy(gate: Gate) -> list[str]:
     """Where full data's seeds differ: colour or shape (lines of the gate section)."""
     a = gate.anatomy
@@ -212,22 +216,23 @@ def page(
         "## Gate: can full data learn the task?",
         "",
         f"Full data at 0% noise (memorisation regime) must reach zero-shot top-1 >= {scale.gate} on every seed, with "
-        f"the seeds within {scale.gate_spread} of each other (max - min). Measured: {gate_line or 'no runs'} "
-        f"(spread {_f(spread)}).",
+        f"the seeds within {scale.gate_spread} of each other (max - min). Measured: "
+        + (f"{gate_line} (spread {_f(spread)})." if gate_line else "nothing (no full-data run at 0% noise)."),
         "",
         *_anatomy(gate),
-        f"**Gate {'passed' if gate.passed else 'FAILED'}.**"
-        + (
-            ""
-            if gate.passed
-            else " The comparison below is printed for inspection only and is **not evidence**: full data does not "
-            "learn the task well or reproducibly enough here."
-        ),
+        f"**Gate {gate.verdict}.**"
+        + {
+            "passed": "",
+            "FAILED": " The comparison below is printed for inspection only and is **not evidence**: full data does "
+            "not learn the task well or reproducibly enough here.",
+            "not run": " This matrix has no full-data runs at 0% noise (`--noises` without 0): the comparison below is "
+            "printed for inspection only and is **not evidence**.",
+        }[gate.verdict],
         "",
         "## Verdicts",
         "",
         "Final zero-shot top-1, paired differences over seeds with 95% intervals (win / tie / loss as defined "
-        "above). " + ("" if gate.passed else "**Not evidence: the gate failed.**"),
+        "above). " + _not_evidence(gate),
         "",
         md_table(
             [
@@ -247,8 +252,7 @@ def page(
         "## DISSect against the other rules",
         "",
         "Final zero-shot top-1 of each DISSect variant minus that of each other selecting rule of the same setting, "
-        "paired over seeds, 95% intervals (**win**: DISSect above the rule). "
-        + ("" if gate.passed else "**Not evidence: the gate failed.**"),
+        "paired over seeds, 95% intervals (**win**: DISSect above the rule). " + _not_evidence(gate),
         "",
         rule_table(results),
         "",

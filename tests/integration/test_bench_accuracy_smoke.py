@@ -125,6 +125,23 @@ def test_paired_interval_matches_scipys_paired_t_test():
     assert paired(a, {9: 0.5}).verdict() == "n/a" and Interval.of([0.5]).fmt() == "0.500"
 
 
+def test_a_matrix_without_the_gate_runs_says_the_gate_was_not_run():
+    from benchmarks.accuracy.analyse import Gate
+    from benchmarks.accuracy.report import _not_evidence
+
+    gates = {
+        "passed": Gate({0: 0.60, 1: 0.62}, 0.5, 0.03),
+        "FAILED": Gate({0: 0.60, 1: 0.66}, 0.5, 0.03),
+        "not run": Gate({}, 0.5, 0.03),  # e.g. --noises 0.2,0.6
+    }
+    assert {v: g.verdict for v, g in gates.items()} == {v: v for v in gates}
+    assert [_not_evidence(g) for g in gates.values()] == [
+        "",
+        "**Not evidence: the gate failed.**",
+        "**Not evidence: the gate was not run.**",
+    ]
+
+
 def test_the_gate_anatomy_splits_each_answer_into_colour_and_shape(monkeypatch):
     """A plain recount of made-up answers (label = colour x 6 + shape) against ``anatomy``."""
     import numpy as np
