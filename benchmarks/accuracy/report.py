@@ -110,7 +110,8 @@ def setting_table(res: dict[str, ArmResult]) -> str:
 
 
 def _not_evidence(gate: Gate) -> str:
-    return "" if gate.passed else f"**Not evidence: the gate {'failed' if gate.values else 'was not run'}.**"
+    why = {"passed": "", "FAILED": "failed", "not run": "was not run"}[gate.verdict]
+    return f"**Not evidence: the gate {why}.**" if why else ""
 
 
 def _anatomy(gate: Gate) -> list[str]:
