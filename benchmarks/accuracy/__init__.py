@@ -294,11 +294,18 @@ def configure(args: argparse.Namespace) -> tuple[plan.Scale, plan.Matrix, str, s
     return scale, matrix, name, command
 
 
+def work_dir(args: argparse.Namespace) -> Path:
+    """Where data and runs go, as an absolute path: the runs' job specs (what --reuse
+    compares) name it, so ``--work w`` and ``--work $PWD/w`` are the same work dir."""
+    default = c.WORK / ("accuracy_gate" if args.gate_only else "accuracy")
+    return (args.work or (args.out / "work" if args.out and not args.gate_only else default)).resolve()
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     scale, matrix, name, command = configure(args)
     if args.gate_only:
-        work = args.work or c.WORK / "accuracy_gate"
+        work = work_dir(args)
         gate_matrix = dataclasses.replace(plan.GATE_ONLY, seeds=args.seeds or plan.GATE_ONLY.seeds)
         jobs, took, _ = execute(scale, gate_matrix, work, args.reuse, args.parallel)
         gate = analyse.gate([analyse.read_run(j) for j in jobs], scale, _gate_val(work))
@@ -309,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         return {"gate": _gate_summary(gate), "took_s": took}
     md_dir, img_dir = (args.out, args.out / "img") if args.out else (c.DOCS / "bench", c.DOCS / "img")
-    work = args.work or (args.out / "work" if args.out else c.WORK / "accuracy")
+    work = work_dir(args)
     for d in (md_dir, img_dir, work):
         d.mkdir(parents=True, exist_ok=True)
     jobs, took, reused = execute(scale, matrix, work, args.reuse, args.parallel)

@@ -350,3 +350,17 @@ def test_the_label_free_warning_is_replayed_after_the_warm_up_only(tmp_path):
         assert logging.root.manager.disable == logging.INFO
     finally:
         logging.disable(logging.NOTSET)
+
+
+def test_a_relative_work_dir_names_the_same_runs_as_its_absolute_path(tmp_path, monkeypatch):
+    # The job specs --reuse compares hold the work dir's path: a relative --work (or --out)
+    # must give the specs of its absolute form, or every run is redone.
+    from benchmarks import accuracy
+
+    monkeypatch.chdir(tmp_path)
+    rel, absolute = (accuracy.parse(["--work", w]) for w in ("w", str(tmp_path / "w")))
+    assert accuracy.work_dir(rel) == accuracy.work_dir(absolute) == tmp_path / "w"
+    assert accuracy.work_dir(accuracy.parse(["--out", "page"])) == tmp_path / "page" / "work"
+    scale, matrix = accuracy.configure(rel)[:2]
+    specs = [[run._spec(j) for j in plan.jobs(scale, matrix, accuracy.work_dir(a))] for a in (rel, absolute)]
+    assert specs[0] == specs[1] and all(Path(s["run_dir"]).is_absolute() for s in specs[0])
