@@ -297,8 +297,13 @@ def configure(args: argparse.Namespace) -> tuple[plan.Scale, plan.Matrix, str, s
 def work_dir(args: argparse.Namespace) -> Path:
     """Where data and runs go, as an absolute path: the runs' job specs (what --reuse
     compares) name it, so ``--work w`` and ``--work $PWD/w`` are the same work dir."""
-    default = c.WORK / ("accuracy_gate" if args.gate_only else "accuracy")
-    return (args.work or (args.out / "work" if args.out and not args.gate_only else default)).resolve()
+    if args.work:
+        work = args.work
+    elif args.gate_only:  # the gate writes no page: --out does not place its runs
+        work = c.WORK / "accuracy_gate"
+    else:
+        work = args.out / "work" if args.out else c.WORK / "accuracy"
+    return work.resolve()
 
 
 def main(argv: list[str] | None = None) -> dict:
