@@ -82,9 +82,9 @@ def analyse_and_write(
     gate = analyse.gate(single, scale, _gate_val(work))
     val = analyse.val_facts(work / "data" / plan.data_name("mem", matrix.noises[0]) / "val")
 
-    # Diagnostics on the first seed of the noisiest memorisation setting at rate 0.3.
-    noise = max(matrix.noises)
-    diag_runs = [r for r in by_setting[("mem", noise, scale.rate)] if r.job.seed == matrix.seeds[0]]
+    # Diagnostics on the noisiest memorisation setting at rate 0.3.
+    noise, seed = max(matrix.noises), plan.diagnostic_seed(matrix)
+    diag_runs = [r for r in by_setting[("mem", noise, scale.rate)] if r.job.seed == seed]
     meta = analyse.read_meta(work / "data" / plan.data_name("mem", noise) / "train")
     import numpy as np
 
@@ -133,7 +133,7 @@ def analyse_and_write(
         results,
         val,
         analyse.world2_check(runs),
-        {"noise": noise, "groups": groups, "shares": shares},
+        {"noise": noise, "seed": seed, "groups": groups, "shares": shares},
         images,
         reference,
     )
@@ -171,7 +171,7 @@ def _seeds(text: str) -> tuple[int, ...]:
 
 
 def _noises(text: str) -> tuple[float, ...]:
-    """``--noises 0,0.4``: noise rates of the memorisation regime, each one ``plan.NOISES`` has."""
+    """``--noises 0,0.4`` (or ``--onepass 0,0.4``): noise rates, each one ``plan.NOISES`` has."""
     try:
         values = tuple(float(n) for n in text.split(",") if n.strip())
     except ValueError:
@@ -179,6 +179,10 @@ def _noises(text: str) -> tuple[float, ...]:
     if not values or any(n not in plan.NOISES for n in values):
         raise argparse.ArgumentTypeError(f"{text!r}: choose from {','.join(f'{n:g}' for n in plan.NOISES)}")
     return values
+
+
+def _csv(noises: tuple[float, ...]) -> str:
+    return ",".join(f"{n:g}" for n in noises)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -207,9 +211,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--onepass",
-        action="store_true",
-        help="add the one-pass regime at 40%% noise (122,880 pairs seen once, the memorisation regime's 960 steps; "
-        "full data, random, small-loss, current-score, dissect_model; about 30 more minutes on 2 cores)",
+        nargs="?",
+        type=_noises,
+        const=plan.ALL.onepass_noises,
+        metavar="N,M",
+        help="add the one-pass regime at 40%% noise, or at the noise rates given (122,880 pairs seen once, the "
+        "memorisation regime's 960 steps; full data, random, small-loss, current-score, dissect_model; about 30 "
+        "more minutes per noise rate on 2 cores)",
     )
     p.add_argument(
         "--rate2",
@@ -270,8 +278,8 @@ def configure(args: argparse.Namespace) -> tuple[plan.Scale, plan.Matrix, str, s
         name += f", with {', '.join(extra)} (--arms)"
     onepass = args.onepass and not matrix.onepass_noises  # --all and --quick have it already
     if onepass:
-        matrix = dataclasses.replace(matrix, onepass_noises=plan.ALL.onepass_noises)
-        name += ", with the one-pass regime (--onepass)"
+        matrix = dataclasses.replace(matrix, onepass_noises=args.onepass)
+        name += f", with the one-pass regime at {', '.join(f'{n:.0%}' for n in args.onepass)} noise (--onepass)"
     rate2 = args.rate2 and not matrix.rate2_noises  # --all has it already
     if rate2:
         matrix = dataclasses.replace(matrix, rate2_noises=plan.ALL.rate2_noises)
@@ -285,10 +293,11 @@ def configure(args: argparse.Namespace) -> tuple[plan.Scale, plan.Matrix, str, s
     command = "python -m benchmarks.accuracy" + (" --quick" if args.quick else " --all" if args.all else "")
     command += " --reference" if args.reference and not args.all else ""
     command += f" --arms {','.join(extra)}" if extra else ""
-    command += " --onepass" if onepass else ""
+    if onepass:
+        command += " --onepass" + ("" if args.onepass == plan.ALL.onepass_noises else f" {_csv(args.onepass)}")
     command += " --rate2" if rate2 else ""
     command += f" --seeds {','.join(map(str, args.seeds))}" if args.seeds else ""
-    command += f" --noises {','.join(f'{n:g}' for n in args.noises)}" if args.noises else ""
+    command += f" --noises {_csv(args.noises)}" if args.noises else ""
     if args.scale:
         command += f" --scale '{args.scale}'"
     return scale, matrix, name, command

@@ -197,6 +197,23 @@ class Job:
         return (self.regime, self.noise, self.rate)
 
 
+DIAGNOSTIC_EVERY = 5
+
+
+def records_diagnostics(seed: int) -> bool:
+    """Whether seed ``seed``'s runs keep diagnostics (per-pair records; the shadow of
+    ``none``): the first seed of each five (0, 5, ...). A rule of the seed alone, not of the
+    other seeds an invocation runs, so a run's job spec, which ``--reuse`` compares, is the
+    same in every invocation that has it."""
+    return seed % DIAGNOSTIC_EVERY == 0
+
+
+def diagnostic_seed(matrix: Matrix) -> int:
+    """The seed whose diagnostics the page shows: the matrix's first seed that records them
+    (its first seed when none does: the page then has no records to show)."""
+    return next((s for s in matrix.seeds if records_diagnostics(s)), matrix.seeds[0])
+
+
 def data_name(regime: str, noise: float) -> str:
     return f"{regime}_n{round(noise * 100)}"
 
@@ -280,9 +297,7 @@ def jobs(scale: Scale, matrix: Matrix, work: Path) -> list[Job]:
         tag = f"{regime}_n{round(noise * 100)}_r{round(rate * 100)}_{arm}_s{seed}" + ("_w2" if world > 1 else "")
         run_dir = work / "runs" / tag
         data = work / "data" / data_name(regime, noise)
-        # Diagnostics (records; the shadow of `none`): the first seed, with noisy pairs (clean
-        # vs noisy is all they show; the page plots the noisiest setting).
-        record = seed == matrix.seeds[0] and world == 1 and noise > 0
+        record = records_diagnostics(seed) and world == 1 and noise > 0  # clean vs noisy is all they show
         ov = overrides(scale, regime, arm, seed, rate, data, run_dir, record, reference_export(work))
         steps = scale.onepass_steps if regime == "onepass" else scale.steps
         cost = steps * scale.batch * (1.0 if arm == "none" else rate + 0.35)

@@ -264,7 +264,7 @@ def page(
         "noisy pairs left out) averaged over the last 20% of the steps; AUROC of clean vs noisy for the current "
         "score and for the differential over the last 20% of the epochs (for `none`: the differential against a "
         "shadow snapshot taken at the end of the others' warm-up, seed "
-        f"{matrix.seeds[0]} only; for the DISSect arms: their own history, under the feedback loop). DISSect "
+        f"{diag['seed']} only; for the DISSect arms: their own history, under the feedback loop). DISSect "
         "arms also: how many seeds raised the trainer's label-free warning (the differential ranks against the "
         "current score while the kept pairs score below the batch mean; replayed from each run's metrics by "
         "`EarlySnapshotAlarm`, over the steps after the warm-up) and the Spearman correlation of the differential "
@@ -280,12 +280,12 @@ def page(
         "",
         "AUROC per epoch (clean vs noisy, higher score = clean): full-batch training with a shadow snapshot at the "
         "end of warm-up, and the DISSect arm under its own selection (seed "
-        f"{matrix.seeds[0]}, {diag['noise']:.0%} noise, memorisation regime).",
+        f"{diag['seed']}, {diag['noise']:.0%} noise, memorisation regime).",
         "",
         f"![AUROC]({images['auroc']})",
         "",
         "Clean precision per epoch and the share of each group selected over the last 20% of the steps (seed "
-        f"{matrix.seeds[0]}, {diag['noise']:.0%} noise): does an arm avoid the noisy pairs, or the hard clean ones? "
+        f"{diag['seed']}, {diag['noise']:.0%} noise): does an arm avoid the noisy pairs, or the hard clean ones? "
         "Difficulty = number of hardness factors (small, low contrast, clutter, rare combination).",
         "",
         f"![selection]({images['selection']})",
@@ -293,7 +293,7 @@ def page(
         md_table(["arm", *diag["groups"]], [[a, *(_f(v, 2) for v in g.values())] for a, g in diag["shares"].items()]),
         "",
         "Mean current and historical scores of clean and noisy pairs per epoch (every scored pair, seed "
-        f"{matrix.seeds[0]}):",
+        f"{diag['seed']}):",
         "",
         f"![scores]({images['scores']})",
         "",

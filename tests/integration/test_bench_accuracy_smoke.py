@@ -4,6 +4,7 @@ with its tiny CPU setting. The numbers mean nothing; the structure and the budge
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -168,8 +169,6 @@ def test_reference_arms_read_a_reference_trained_first_on_held_out_clean_pairs(t
     """``--reference``: one extra run, ``reference`` (full data on a clean split of another
     seed), planned first; every reference arm points at its export and keeps the budget of
     the other selecting arms."""
-    import dataclasses
-
     matrix = dataclasses.replace(plan.DEFAULT, arms=(*plan.DEFAULT.arms, *plan.REFERENCE_ARMS), world2_check=False)
     jobs = plan.jobs(plan.CPU, matrix, tmp_path)
     first, rest = jobs[0], jobs[1:]
@@ -190,8 +189,6 @@ def test_reference_arms_read_a_reference_trained_first_on_held_out_clean_pairs(t
 def test_a_failing_run_stops_the_benchmark_before_the_others_finish(tmp_path):
     """A worker that fails ends the whole benchmark at once with its log, and the workers
     still running are stopped (not waited for: at GPU scale that is minutes)."""
-    import dataclasses
-
     from benchmarks.common import BenchError
 
     work = tmp_path / "work"
@@ -209,8 +206,6 @@ def test_a_failing_run_stops_the_benchmark_before_the_others_finish(tmp_path):
 def test_an_arm_at_epoch_e_moves_only_its_warm_up_and_bad_arms_or_noises_stop_the_cli(tmp_path, capsys):
     """``--arms dissect_warmup@30``: the same strategy and budget, the warm-up ending after
     epoch 30; ``--arms``/``--noises`` mistakes end argparse before anything runs."""
-    import dataclasses
-
     from benchmarks import accuracy
 
     arms = ("dissect_warmup", "dissect_warmup@30")
@@ -232,8 +227,6 @@ def test_scale_overrides_reach_every_run_and_the_calibration_model_builds(tmp_pa
     """``--scale '{"weight_decay": 1.0, "model": "dissect-bench-vit-w128"}'`` (the gate
     calibration in docs/method_findings.md) changes every run's trainer keys, the default
     keeps the trainer's own weight decay, and the wider model exists and is wider."""
-    import dataclasses
-
     from dissect_ds.config import TrainConfig
     from dissect_ds.model import build_model
 
@@ -258,8 +251,6 @@ def test_the_code_version_changes_with_any_trainer_source(tmp_path):
 
 
 def test_dissect_is_compared_with_every_other_selecting_rule_paired():
-    import dataclasses
-
     from scipy import stats
 
     from benchmarks.accuracy.analyse import ArmResult, Interval, against_rules
@@ -309,6 +300,12 @@ def test_onepass_and_rate2_add_their_parts_of_the_whole_matrix_with_equal_budget
     for job in onepass:  # one epoch over the larger set; every selecting arm at the same rate
         assert f"train.steps={scale.onepass_steps}" in job.overrides
         assert f"selection.rate={1.0 if job.arm == 'none' else scale.rate}" in job.overrides
+    # At the noise rates given (the command says which), with the same arms.
+    _, matrix, name, command = accuracy.configure(accuracy.parse(["--onepass", "0,0.4", "--seeds", "0,1"]))
+    assert matrix.onepass_noises == (0.0, 0.4) and "at 0%, 40% noise (--onepass)" in name
+    assert command == "python -m benchmarks.accuracy --onepass 0,0.4 --seeds 0,1"
+    onepass = [j for j in plan.jobs(scale, matrix, tmp_path) if j.regime == "onepass"]
+    assert sorted({(j.noise, j.arm) for j in onepass}) == sorted((n, a) for n in (0.0, 0.4) for a in plan.ONEPASS_ARMS)
     # The default and --all: no flag in the command, the regime as their matrices say.
     assert accuracy.configure(accuracy.parse([]))[1].onepass_noises == ()
     assert (
@@ -364,3 +361,18 @@ def test_a_relative_work_dir_names_the_same_runs_as_its_absolute_path(tmp_path, 
     scale, matrix = accuracy.configure(rel)[:2]
     specs = [[run._spec(j) for j in plan.jobs(scale, matrix, accuracy.work_dir(a))] for a in (rel, absolute)]
     assert specs[0] == specs[1] and all(Path(s["run_dir"]).is_absolute() for s in specs[0])
+
+
+def test_a_runs_diagnostics_do_not_depend_on_the_other_seeds_of_its_invocation(tmp_path):
+    """--reuse compares job specs: a seed's runs must be the same jobs whichever seeds
+    the invocation that made them ran (seed 5 in a 0-9 and in a 5-9 invocation)."""
+    specs: dict[str, set] = {}
+    for seeds in (tuple(range(10)), (5, 6, 7, 8, 9), (3, 4, 5), (0, 1)):
+        matrix = dataclasses.replace(plan.DEFAULT, seeds=seeds, world2_check=False)
+        for job in plan.jobs(plan.CPU, matrix, tmp_path):
+            specs.setdefault(job.name, set()).add(job.overrides)
+    assert all(len(v) == 1 for v in specs.values())
+    ten = dataclasses.replace(plan.DEFAULT, seeds=tuple(range(10)), world2_check=False)
+    recorded = {(j.seed, j.noise) for j in plan.jobs(plan.CPU, ten, tmp_path) if "selection.record=true" in j.overrides}
+    assert recorded == {(0, 0.4), (5, 0.4)}  # the first seed of each five, with noisy pairs
+    assert plan.diagnostic_seed(dataclasses.replace(ten, seeds=(3, 4, 5))) == 5
