@@ -89,6 +89,7 @@ def analyse_and_write(
     import numpy as np
 
     difficulty = np.array([m.get("difficulty", 0) for m in meta])
+    recorded = any(r.records for r in diag_runs)  # not at 0% noise, nor on seeds that do not record
     shares = {r.job.arm: analyse.selection_share(r, difficulty) for r in diag_runs if r.records and r.job.arm != "none"}
     groups = list(next(iter(shares.values()))) if shares else []
     spe = scale.steps_per_epoch
@@ -96,11 +97,12 @@ def analyse_and_write(
     plot.arms(results, img_dir / "accuracy_arms.png")
     curve_settings = {labels[s]: by_setting[s] for s in order if s[0] == "mem" and s[2] == scale.rate}
     plot.curves(curve_settings, img_dir / "accuracy_curves.png")
-    full = next((r for r in diag_runs if r.job.arm == "none"), None)
-    loop = [r for r in diag_runs if r.job.arm.startswith("dissect")]
-    plot.auroc(full, loop, spe, img_dir / "accuracy_auroc.png")
-    plot.selection(diag_runs, shares, scale.rate, noise, spe, img_dir / "accuracy_selection.png")
-    plot.scores(diag_runs, spe, img_dir / "accuracy_scores.png")
+    if recorded:
+        full = next((r for r in diag_runs if r.job.arm == "none"), None)
+        loop = [r for r in diag_runs if r.job.arm.startswith("dissect")]
+        plot.auroc(full, loop, spe, img_dir / "accuracy_auroc.png")
+        plot.selection(diag_runs, shares, scale.rate, noise, spe, img_dir / "accuracy_selection.png")
+        plot.scores(diag_runs, spe, img_dir / "accuracy_scores.png")
 
     took = f"{took_s / 60:.1f} min"
     if reused:
@@ -133,7 +135,7 @@ def analyse_and_write(
         results,
         val,
         analyse.world2_check(runs),
-        {"noise": noise, "seed": seed, "groups": groups, "shares": shares},
+        {"noise": noise, "seed": seed, "recorded": recorded, "groups": groups, "shares": shares},
         images,
         reference,
     )

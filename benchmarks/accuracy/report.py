@@ -7,7 +7,7 @@ import math
 import statistics
 
 from benchmarks.accuracy.analyse import TOP1, ArmResult, Gate, Interval, Run, against_rules
-from benchmarks.accuracy.plan import Matrix, Scale, is_dissect
+from benchmarks.accuracy.plan import DIAGNOSTIC_EVERY, Matrix, Scale, is_dissect
 from benchmarks.common import md_table
 
 
@@ -278,26 +278,16 @@ def page(
         "",
         "## Diagnostics",
         "",
-        "AUROC per epoch (clean vs noisy, higher score = clean): full-batch training with a shadow snapshot at the "
-        "end of warm-up, and the DISSect arm under its own selection (seed "
-        f"{diag['seed']}, {diag['noise']:.0%} noise, memorisation regime).",
-        "",
-        f"![AUROC]({images['auroc']})",
-        "",
-        "Clean precision per epoch and the share of each group selected over the last 20% of the steps (seed "
-        f"{diag['seed']}, {diag['noise']:.0%} noise): does an arm avoid the noisy pairs, or the hard clean ones? "
-        "Difficulty = number of hardness factors (small, low contrast, clutter, rare combination).",
-        "",
-        f"![selection]({images['selection']})",
-        "",
-        md_table(["arm", *diag["groups"]], [[a, *(_f(v, 2) for v in g.values())] for a, g in diag["shares"].items()]),
-        "",
-        "Mean current and historical scores of clean and noisy pairs per epoch (every scored pair, seed "
-        f"{diag['seed']}):",
-        "",
-        f"![scores]({images['scores']})",
-        "",
     ]
+    if not diag["recorded"]:
+        lines += [
+            f"None: runs record them on seeds {', '.join(str(k * DIAGNOSTIC_EVERY) for k in range(3))}, ... "
+            "where there are noisy pairs (clean against noisy is what they show); this page's noisiest "
+            f"memorisation setting has {diag['noise']:.0%} noise, seeds {', '.join(map(str, matrix.seeds))}.",
+            "",
+        ]
+    else:
+        lines += _diagnostics(diag, images)
     if world2 is not None:
         two, one = world2
         d_top = two.final["eval/zeroshot_top1"] - one.final["eval/zeroshot_top1"]
@@ -333,3 +323,28 @@ def page(
         "",
     ]
     return "\n".join(lines)
+
+
+def _diagnostics(diag: dict, images: dict[str, str]) -> list[str]:
+    """The diagnostics section's plots and table (seed diag["seed"], the noisiest memorisation setting)."""
+    return [
+        "AUROC per epoch (clean vs noisy, higher score = clean): full-batch training with a shadow snapshot at the "
+        "end of warm-up, and the DISSect arm under its own selection (seed "
+        f"{diag['seed']}, {diag['noise']:.0%} noise, memorisation regime).",
+        "",
+        f"![AUROC]({images['auroc']})",
+        "",
+        "Clean precision per epoch and the share of each group selected over the last 20% of the steps (seed "
+        f"{diag['seed']}, {diag['noise']:.0%} noise): does an arm avoid the noisy pairs, or the hard clean ones? "
+        "Difficulty = number of hardness factors (small, low contrast, clutter, rare combination).",
+        "",
+        f"![selection]({images['selection']})",
+        "",
+        md_table(["arm", *diag["groups"]], [[a, *(_f(v, 2) for v in g.values())] for a, g in diag["shares"].items()]),
+        "",
+        "Mean current and historical scores of clean and noisy pairs per epoch (every scored pair, seed "
+        f"{diag['seed']}):",
+        "",
+        f"![scores]({images['scores']})",
+        "",
+    ]

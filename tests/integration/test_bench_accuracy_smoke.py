@@ -94,6 +94,13 @@ def test_quick_accuracy_benchmark_writes_page_verdicts_and_plots(tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(run, "code_version", lambda: "another version of dissect_ds")
         assert not any(run.finished(j) for j in jobs.values())
+    # A page without noisy pairs (all its runs reused) says it has no diagnostics, and shows none.
+    accuracy.main(
+        ["--quick", "--noises", "0", "--no-world2-check", "--reuse", "--work", str(work), "--out", str(tmp_path / "n0")]
+    )
+    page = (tmp_path / "n0" / "accuracy.md").read_text()
+    assert "## Diagnostics\n\nNone: runs record them on seeds 0, 5, 10, ..." in page and "AUROC](" not in page
+    assert not (tmp_path / "n0" / "img" / "accuracy_auroc.png").exists()
     # --gate-only runs the gate's runs alone (here reusing seeds 0-1) and writes no page.
     gate = accuracy.main(
         ["--quick", "--gate-only", "--reuse", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "g")]
