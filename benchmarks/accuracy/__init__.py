@@ -300,6 +300,7 @@ def configure(args: argparse.Namespace) -> tuple[plan.Scale, plan.Matrix, str, s
     command += " --rate2" if rate2 else ""
     command += f" --seeds {','.join(map(str, args.seeds))}" if args.seeds else ""
     command += f" --noises {_csv(args.noises)}" if args.noises else ""
+    command += " --no-world2-check" if args.no_world2_check else ""
     if args.scale:
         command += f" --scale '{args.scale}'"
     return scale, matrix, name, command

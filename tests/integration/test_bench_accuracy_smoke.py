@@ -311,6 +311,8 @@ def test_onepass_and_rate2_add_their_parts_of_the_whole_matrix_with_equal_budget
     _, matrix, name, command = accuracy.configure(accuracy.parse(["--onepass", "0,0.4", "--seeds", "0,1"]))
     assert matrix.onepass_noises == (0.0, 0.4) and "at 0%, 40% noise (--onepass)" in name
     assert command == "python -m benchmarks.accuracy --onepass 0,0.4 --seeds 0,1"
+    argv = ["--noises", "0", "--onepass", "0", "--no-world2-check", "--out", "x"]  # the page says all that changes runs
+    assert accuracy.configure(accuracy.parse(argv))[3].endswith("--onepass 0 --noises 0 --no-world2-check")
     onepass = [j for j in plan.jobs(scale, matrix, tmp_path) if j.regime == "onepass"]
     assert sorted({(j.noise, j.arm) for j in onepass}) == sorted((n, a) for n in (0.0, 0.4) for a in plan.ONEPASS_ARMS)
     # The default and --all: no flag in the command, the regime as their matrices say.
