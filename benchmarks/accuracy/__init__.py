@@ -20,6 +20,7 @@ from benchmarks import common as c
 from benchmarks.accuracy import analyse, plan, plot, report, run
 
 IMAGES = ("arms", "curves", "auroc", "selection", "scores")
+LONG_ONEPASS_OUT = c.DOCS / "bench" / "long_onepass"
 
 
 def _data(scale: plan.Scale, jobs: list[plan.Job], work: Path) -> None:
@@ -32,9 +33,9 @@ def _data(scale: plan.Scale, jobs: list[plan.Job], work: Path) -> None:
         run.prepare_data(out, n, noise, scale.val, scale.image_size, scale.shard, seed=seed)
 
 
-def _gate_val(work: Path) -> Path:
+def _gate_val(work: Path, regime: str) -> Path:
     """The val split the gate's runs (full data, 0% noise) were evaluated on."""
-    return work / "data" / plan.data_name("mem", 0.0) / "val"
+    return work / "data" / plan.data_name(regime, 0.0) / "val"
 
 
 def _gate_summary(gate: analyse.Gate) -> dict:
@@ -79,23 +80,28 @@ def analyse_and_write(
     order = sorted(by_setting, key=lambda s: (s[0] != "mem", s[2], s[1]))
     labels = {s: report.setting_label(*s) for s in order}
     results = {labels[s]: analyse.setting_results(by_setting[s]) for s in order}
-    gate = analyse.gate(single, scale, _gate_val(work))
-    val = analyse.val_facts(work / "data" / plan.data_name("mem", matrix.noises[0]) / "val")
+    regime = matrix.gate_regime  # the page's main regime: the gate's and the curves'
+    gate = analyse.gate(single, scale, regime, _gate_val(work, regime))
+    val = analyse.val_facts(work / "data" / plan.data_name(regime, (matrix.noises or matrix.onepass_noises)[0]) / "val")
 
-    # Diagnostics on the noisiest memorisation setting at rate 0.3.
-    noise, seed = max(matrix.noises), plan.diagnostic_seed(matrix)
-    diag_runs = [r for r in by_setting[("mem", noise, scale.rate)] if r.job.seed == seed]
-    meta = analyse.read_meta(work / "data" / plan.data_name("mem", noise) / "train")
-    import numpy as np
-
-    difficulty = np.array([m.get("difficulty", 0) for m in meta])
+    # Diagnostics on the noisiest memorisation setting at rate 0.3 (none without that regime).
+    noise, seed = max(matrix.noises, default=None), plan.diagnostic_seed(matrix)
+    diag_runs = [r for r in by_setting.get(("mem", noise, scale.rate), []) if r.job.seed == seed]
     recorded = any(r.records for r in diag_runs)  # not at 0% noise, nor on seeds that do not record
-    shares = {r.job.arm: analyse.selection_share(r, difficulty) for r in diag_runs if r.records and r.job.arm != "none"}
+    shares = {}
+    if recorded:
+        import numpy as np
+
+        meta = analyse.read_meta(work / "data" / plan.data_name("mem", noise) / "train")
+        difficulty = np.array([m.get("difficulty", 0) for m in meta])
+        shares = {
+            r.job.arm: analyse.selection_share(r, difficulty) for r in diag_runs if r.records and r.job.arm != "none"
+        }
     groups = list(next(iter(shares.values()))) if shares else []
     spe = scale.steps_per_epoch
     images = {k: os.path.relpath(img_dir / f"accuracy_{k}.png", md_dir) for k in IMAGES}
     plot.arms(results, img_dir / "accuracy_arms.png")
-    curve_settings = {labels[s]: by_setting[s] for s in order if s[0] == "mem" and s[2] == scale.rate}
+    curve_settings = {labels[s]: by_setting[s] for s in order if s[0] == regime and s[2] == scale.rate}
     plot.curves(curve_settings, img_dir / "accuracy_curves.png")
     if recorded:
         full = next((r for r in diag_runs if r.job.arm == "none"), None)
@@ -196,6 +202,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--quick", action="store_true", help="smoke version: tiny sizes, a minute or two; numbers mean nothing"
     )
     g.add_argument("--all", action="store_true", help="the whole matrix (every arm, noise 0-60%%, rate 0.5; hours)")
+    g.add_argument(
+        "--long-onepass",
+        action="store_true",
+        help="only the one-pass regime, over twice the pairs (245,760 seen once, 1,920 steps), at 0%% and 40%% noise "
+        f"for {', '.join(plan.ONEPASS_ARMS)}, its gate on its own full-data runs: the setting where full data's seeds "
+        "agree (about 95 minutes on 2 cores, outside make bench's hour)",
+    )
     p.add_argument(
         "--reference",
         action="store_true",
@@ -242,7 +255,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "the page says so)",
     )
     p.add_argument(
-        "--out", type=Path, help="page directory (default docs/bench; plots go to OUT/img, default docs/img)"
+        "--out",
+        type=Path,
+        help="page directory (default docs/bench, docs/bench/long_onepass with --long-onepass; plots go to OUT/img, default docs/img)",
     )
     p.add_argument("--work", type=Path, help="data and runs (default runs/bench/accuracy, or OUT/work with --out)")
     p.add_argument("--reuse", action="store_true", help="keep finished runs of the same job in the work dir")
@@ -254,12 +269,22 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="run only the gate (full data at 0%% noise, every seed), print it and write no page",
     )
     p.add_argument("--no-world2-check", action="store_true", help="skip the 2-rank repeat of one run (one GPU)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.long_onepass and not args.out:  # its own page: make bench's stays as it is
+        args.out = LONG_ONEPASS_OUT
+    if args.long_onepass:
+        clash = [f for f in ("arms", "onepass", "rate2", "noises", "reference") if getattr(args, f)]
+        if clash:
+            p.error(
+                f"--long-onepass runs its own matrix: drop --{clash[0]} (only --seeds, --out, --work, --reuse, "
+                "--parallel and --gate-only go with it)"
+            )
+    return args
 
 
 def configure(args: argparse.Namespace) -> tuple[plan.Scale, plan.Matrix, str, str]:
     """(scale, matrix, its description for the page, the command that reproduces it)."""
-    scale = plan.QUICK if args.quick else plan.CPU
+    scale = plan.QUICK if args.quick else plan.LONG_ONEPASS_SCALE if args.long_onepass else plan.CPU
     if args.scale:
         scale = dataclasses.replace(scale, **json.loads(args.scale))
     matrix, name = (
@@ -267,6 +292,8 @@ def configure(args: argparse.Namespace) -> tuple[plan.Scale, plan.Matrix, str, s
         if args.quick
         else (plan.ALL, "whole matrix (--all)")
         if args.all
+        else (plan.LONG_ONEPASS, "the one-pass regime over twice the pairs (--long-onepass)")
+        if args.long_onepass
         else (plan.DEFAULT, "default matrix (make bench)")
     )
     if args.no_world2_check:
@@ -292,7 +319,9 @@ def configure(args: argparse.Namespace) -> tuple[plan.Scale, plan.Matrix, str, s
     if args.noises:
         matrix = dataclasses.replace(matrix, noises=args.noises)
         name += f", noise {','.join(f'{n:.0%}' for n in args.noises)} only (--noises)"
-    command = "python -m benchmarks.accuracy" + (" --quick" if args.quick else " --all" if args.all else "")
+    command = "python -m benchmarks.accuracy" + next(
+        (f" --{f.replace('_', '-')}" for f in ("quick", "all", "long_onepass") if getattr(args, f)), ""
+    )
     command += " --reference" if args.reference and not args.all else ""
     command += f" --arms {','.join(extra)}" if extra else ""
     if onepass:
@@ -323,9 +352,10 @@ def main(argv: list[str] | None = None) -> dict:
     scale, matrix, name, command = configure(args)
     if args.gate_only:
         work = work_dir(args)
-        gate_matrix = dataclasses.replace(plan.GATE_ONLY, seeds=args.seeds or plan.GATE_ONLY.seeds)
+        gate_matrix = matrix.gate_only(args.seeds or plan.SEEDS)
         jobs, took, _ = execute(scale, gate_matrix, work, args.reuse, args.parallel)
-        gate = analyse.gate([analyse.read_run(j) for j in jobs], scale, _gate_val(work))
+        regime = gate_matrix.gate_regime
+        gate = analyse.gate([analyse.read_run(j) for j in jobs], scale, regime, _gate_val(work, regime))
         where = f"; {gate.anatomy.line()}" if gate.anatomy else ""
         print(
             f"accuracy gate: {gate.line()}; {gate.verdict} ({took / 60:.1f} min){where}",

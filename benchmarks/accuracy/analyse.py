@@ -350,6 +350,7 @@ class Gate:
     threshold: float
     spread: float
     anatomy: Anatomy | None = None
+    regime: str = "mem"  # where the full-data runs are
 
     @property
     def passed(self) -> bool:
@@ -366,12 +367,12 @@ class Gate:
         return ", ".join(f"seed {s}: {v:.3f}" for s, v in sorted(self.values.items()))
 
 
-def gate(runs: list[Run], scale: Scale, val_dir: Path | None = None) -> Gate:
-    """Full data at 0% noise in the memorisation regime: every seed's final top-1 (and,
-    given its val split, where the seeds differ)."""
-    none = [r for r in runs if r.job.arm == "none" and r.job.noise == 0.0 and r.job.regime == "mem"]
+def gate(runs: list[Run], scale: Scale, regime: str = "mem", val_dir: Path | None = None) -> Gate:
+    """Full data at 0% noise in ``regime``: every seed's final top-1 (and, given its val
+    split, where the seeds differ)."""
+    none = [r for r in runs if r.job.arm == "none" and r.job.noise == 0.0 and r.job.regime == regime]
     where = anatomy(none, val_dir) if val_dir is not None else None
-    return Gate(final_by_seed(none), scale.gate, scale.gate_spread, where)
+    return Gate(final_by_seed(none), scale.gate, scale.gate_spread, where, regime)
 
 
 def world2_check(runs: list[Run]) -> tuple[Run, Run] | None:

@@ -144,6 +144,10 @@ CPU = Scale(
     # 0.17 at 40% (docs/method_findings.md, "One pass").
     onepass_train=122_880,
 )
+LONG_ONEPASS_SCALE = dataclasses.replace(CPU, onepass_train=245_760)
+"""One pass over twice the pairs (1,920 steps): the setting where full data's seeds agree within
+the gate's 0.03 (docs/method_findings.md, "The gate passes: one pass, twice as long"); a run costs
+twice a page run, so it stays outside make bench's hour (``--long-onepass``)."""
 QUICK = dataclasses.replace(
     CPU, train=256, epochs=3, batch=64, warmup_epochs=1, val=96, eval_points=2, onepass_train=256, shard=64
 )
@@ -162,11 +166,32 @@ class Matrix:
     onepass_arms: tuple[str, ...] = ONEPASS_ARMS
     world2_check: bool = True  # one run repeated with 2 ranks
 
+    @property
+    def gate_regime(self) -> str:
+        """Where the gate's full-data runs are: the memorisation regime, or one pass when the
+        matrix has only that."""
+        return "mem" if self.noises else "onepass"
+
+    def gate_only(self, seeds: tuple[int, ...] = SEEDS) -> Matrix:
+        """Only the gate's runs of this matrix (full data at 0% noise in its gate regime), on ``seeds``."""
+        mem = self.gate_regime == "mem"
+        return Matrix(
+            noises=(0.0,) if mem else (),
+            arms=("none",) if mem else (),
+            seeds=seeds,
+            onepass_noises=() if mem else (0.0,),
+            onepass_arms=("none",),
+            world2_check=False,
+        )
+
 
 # The one-pass regime does not fit make bench's hour on 2 cores: --all runs it.
 DEFAULT = Matrix(noises=(0.0, 0.4), arms=DEFAULT_ARMS, seeds=SEEDS)
 ALL = Matrix(noises=NOISES, arms=ARMS, seeds=SEEDS, rate2_noises=(0.4,), onepass_noises=(0.4,))
-GATE_ONLY = Matrix(noises=(0.0,), arms=("none",), seeds=SEEDS, world2_check=False)
+LONG_ONEPASS = Matrix(noises=(), arms=(), seeds=SEEDS, onepass_noises=(0.0, 0.4), world2_check=False)
+"""``--long-onepass``: the one-pass regime alone at ``LONG_ONEPASS_SCALE``, its gate on its own
+full-data runs at 0% noise."""
+GATE_ONLY = DEFAULT.gate_only()
 """Only the gate's runs: full data at 0% noise, every seed (checking a scale before the comparison)."""
 QUICK_MATRIX = Matrix(
     noises=(0.0, 0.4),

@@ -145,6 +145,7 @@ def page(
     reference: Run | None = None,
 ) -> str:
     spe = scale.steps_per_epoch
+    mem = bool(matrix.noises)  # the memorisation regime is on the page (--long-onepass: only one pass)
     se = math.sqrt(0.25 / val["n"])
     gate_line = gate.line()
     spread = (max(gate.values.values()) - min(gate.values.values())) if gate.values else math.nan
@@ -163,8 +164,8 @@ def page(
         "",
         "## Design",
         "",
-        f"- **Task.** `python -m dissect_ds.prepare synthetic --num-samples {scale.train} --noise-rate "
-        f"{max(matrix.noises):g} --seed 0 --val-samples {scale.val} --image-size {scale.image_size} --shard-size "
+        f"- **Task.** `python -m dissect_ds.prepare synthetic --num-samples "
+        f"{scale.train if mem else scale.onepass_train} --noise-rate {max(matrix.noises or matrix.onepass_noises):g} --seed 0 --val-samples {scale.val} --image-size {scale.image_size} --shard-size "
         f"{scale.shard} --output DIR` (one set per regime and noise rate; the one-pass set has "
         f"{scale.onepass_train:,} pairs): one coloured shape per "
         "image (8 colours x 6 shapes = 48 classes, 3 sizes, 9 positions, dark/grey/light background, sometimes grey "
@@ -211,12 +212,12 @@ def page(
         "- **Time to full data's accuracy:** training wall-clock (the trainer's `time/step`: data, scoring, "
         "selection, training; no evaluation or start-up) at the first evaluation *after the warm-up* whose "
         "zero-shot top-1 reaches the final top-1 of `none` with the same seed; median over the seeds that reach it, "
-        f"and its ratio to full data's mean wall-clock. Evaluations every {max(1, scale.steps // scale.eval_points)} "
-        "steps.",
+        f"and its ratio to full data's mean wall-clock. Evaluations every "
+        f"{max(1, (scale.steps if mem else scale.onepass_steps) // scale.eval_points)} steps.",
         "",
         "## Gate: can full data learn the task?",
         "",
-        f"Full data at 0% noise (memorisation regime) must reach zero-shot top-1 >= {scale.gate} on every seed, with "
+        f"Full data at 0% noise ({'memorisation' if gate.regime == 'mem' else 'one-pass'} regime) must reach zero-shot top-1 >= {scale.gate} on every seed, with "
         f"the seeds within {scale.gate_spread} of each other (max - min). Measured: "
         + (f"{gate_line} (spread {_f(spread)})." if gate_line else "nothing (no full-data run at 0% noise)."),
         "",
@@ -279,7 +280,9 @@ def page(
         "## Diagnostics",
         "",
     ]
-    if not diag["recorded"]:
+    if not mem:
+        lines += ["None: they are drawn for the memorisation regime, which this page does not have.", ""]
+    elif not diag["recorded"]:
         lines += [
             f"None: runs record them on seeds {', '.join(str(k * DIAGNOSTIC_EVERY) for k in range(3))}, ... "
             "where there are noisy pairs (clean against noisy is what they show); this page's noisiest "
@@ -304,8 +307,13 @@ def page(
     lines += [
         "## What was run",
         "",
-        f"{matrix_name}: memorisation regime at noise {', '.join(f'{n:.0%}' for n in matrix.noises)} with arms "
-        f"{', '.join(f'`{a}`' for a in matrix.arms)} at rate {scale.rate:g}"
+        f"{matrix_name}: "
+        + (
+            f"memorisation regime at noise {', '.join(f'{n:.0%}' for n in matrix.noises)} with arms "
+            f"{', '.join(f'`{a}`' for a in matrix.arms)} at rate {scale.rate:g}"
+            if mem
+            else f"no memorisation regime (rate {scale.rate:g})"
+        )
         + (
             f"; rate {scale.rate2:g} at noise {', '.join(f'{n:.0%}' for n in matrix.rate2_noises)} for "
             f"{', '.join(f'`{a}`' for a in matrix.rate2_arms)}"

@@ -30,8 +30,9 @@ PARALLEL = 2  # workers side by side: one per core of the 2-core machine
 
 
 def prepare_data(out: Path, num_samples: int, noise: float, val: int, image_size: int, shard: int, seed: int) -> Path:
-    """``python -m dissect_ds.prepare synthetic ...`` into ``out`` once (kept and reused)."""
-    if (out / "train" / "sizes.json").exists() and (val == 0 or (out / "val" / "sizes.json").exists()):
+    """``python -m dissect_ds.prepare synthetic ...`` into ``out`` once (kept and reused while
+    its splits have the sizes asked for: another scale in the same work dir writes it again)."""
+    if _pairs(out / "train") == num_samples and _pairs(out / "val") == val:
         return out
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -42,6 +43,12 @@ def prepare_data(out: Path, num_samples: int, noise: float, val: int, image_size
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+def _pairs(split: Path) -> int:
+    """Pairs in a written split (its ``sizes.json``), 0 when there is none."""
+    sizes = split / "sizes.json"
+    return sum(json.loads(sizes.read_text()).values()) if sizes.exists() else 0
 
 
 def source_hash(src: Path) -> str:

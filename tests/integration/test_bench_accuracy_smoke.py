@@ -108,6 +108,24 @@ def test_quick_accuracy_benchmark_writes_page_verdicts_and_plots(tmp_path):
     assert sorted(gate["gate"]["values"]) == list(plan.SEEDS)
     assert {s: gate["gate"]["values"][s] for s in first["gate"]["values"]} == first["gate"]["values"]
     assert not (tmp_path / "g" / "accuracy.md").exists()
+    # --long-onepass at the quick sizes: the one-pass regime alone, its gate on its own
+    # full-data runs at 0% noise. Its 40%-noise runs of full data, random and dissect_model
+    # are the quick matrix's own (the same jobs: reused); the rest are new.
+    quick = json.dumps({f: getattr(plan.QUICK, f) for f in ("train", "epochs", "batch", "warmup_epochs", "val")})
+    quick = quick[:-1] + f', "eval_points": 2, "onepass_train": {plan.QUICK.onepass_train}, "shard": 64}}'
+    argv = ["--long-onepass", "--seeds", "0,1", "--scale", quick, "--reuse", "--work", str(work)]
+    long = accuracy.main([*argv, "--out", str(tmp_path / "long")])
+    page = (tmp_path / "long" / "accuracy.md").read_text()
+    assert set(long["settings"]) == {"one pass, 0% noise, rate 0.3", "one pass, 40% noise, rate 0.3"}
+    assert set(long["settings"]["one pass, 0% noise, rate 0.3"]) == set(plan.ONEPASS_ARMS)
+    full = long["settings"]["one pass, 0% noise, rate 0.3"]["none"]["top1"]
+    assert math.isclose(sum(long["gate"]["values"].values()) / 2, full["mean"]) and long["gate"]["anatomy"]
+    assert "Full data at 0% noise (one-pass regime) must reach" in page and "6 finished runs were reused" in page
+    assert "None: they are drawn for the memorisation regime, which this page does not have." in page
+    assert f"python -m benchmarks.accuracy --long-onepass --seeds 0,1 --scale '{quick}'" in page
+    # Its --gate-only runs the same full-data runs (reused) and prints the same gate.
+    gate = accuracy.main([*argv, "--gate-only"])
+    assert gate["gate"]["values"] == long["gate"]["values"]
 
 
 def test_gpu_bench_script_runs_with_its_tiny_setting(tmp_path):
@@ -321,6 +339,39 @@ def test_onepass_and_rate2_add_their_parts_of_the_whole_matrix_with_equal_budget
         accuracy.configure(accuracy.parse(["--all", "--onepass", "--rate2"]))[3]
         == "python -m benchmarks.accuracy --all"
     )
+
+
+def test_long_onepass_runs_the_one_pass_regime_alone_with_its_own_gate_and_page(tmp_path, capsys):
+    from benchmarks import accuracy
+
+    args = accuracy.parse(["--long-onepass"])
+    scale, matrix, name, command = accuracy.configure(args)
+    assert command == "python -m benchmarks.accuracy --long-onepass" and "(--long-onepass)" in name
+    assert scale.onepass_steps == 1920 == 2 * plan.CPU.onepass_steps and scale.train == plan.CPU.train
+    assert args.out == accuracy.LONG_ONEPASS_OUT != accuracy.c.DOCS / "bench"  # make bench's page stays
+    assert matrix.gate_regime == "onepass" and plan.DEFAULT.gate_regime == "mem"
+    jobs = plan.jobs(scale, matrix, tmp_path)
+    assert {j.regime for j in jobs} == {"onepass"} and len(jobs) == 2 * len(plan.ONEPASS_ARMS) * len(plan.SEEDS)
+    # Its gate: full data at 0% noise in one pass, every seed; make bench's: in the memorisation regime.
+    gate = plan.jobs(scale, matrix.gate_only((3, 4)), tmp_path)
+    assert [(j.regime, j.noise, j.arm, j.seed) for j in gate] == [("onepass", 0.0, "none", s) for s in (3, 4)]
+    assert {j.name: j.overrides for j in gate} == {
+        j.name: j.overrides for j in jobs if j.name in {g.name for g in gate}
+    }
+    assert [(j.regime, j.arm) for j in plan.jobs(plan.CPU, plan.GATE_ONLY, tmp_path)] == [("mem", "none")] * 5
+    for bad in (["--arms", "random"], ["--noises", "0"], ["--onepass"], ["--quick"]):
+        with pytest.raises(SystemExit):
+            accuracy.parse(["--long-onepass", *bad])
+    assert "--long-onepass runs its own matrix: drop --arms" in capsys.readouterr().err
+
+
+def test_a_data_set_of_another_size_is_written_again(tmp_path):
+    out, written = tmp_path / "onepass_n0", []
+    for n in (32, 48, 48):  # the second call writes the set again with 48 pairs; the third keeps it
+        run.prepare_data(out, n, 0.0, 16, 24, 16, seed=0)
+        assert run._pairs(out / "train") == n and run._pairs(out / "val") == 16
+        written.append((out / "train" / "sizes.json").stat().st_mtime_ns)
+    assert written[0] != written[1] == written[2]
 
 
 def test_a_setting_at_rate_two_is_compared_with_the_same_full_data_runs(tmp_path):
