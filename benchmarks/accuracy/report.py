@@ -226,7 +226,13 @@ def page(
         + {
             "passed": "",
             "FAILED": " The comparison below is printed for inspection only and is **not evidence**: full data does "
-            "not learn the task well or reproducibly enough here.",
+            "not learn the task well or reproducibly enough here."
+            + (
+                " `python -m benchmarks.accuracy --long-onepass` runs the one-pass regime over twice the pairs, where "
+                "full data's seeds agree (outside make bench's hour)."
+                if gate.regime == "mem"
+                else ""
+            ),
             "not run": " This matrix has no full-data runs at 0% noise (`--noises` without 0): the comparison below is "
             "printed for inspection only and is **not evidence**.",
         }[gate.verdict],

@@ -67,6 +67,7 @@ def test_quick_accuracy_benchmark_writes_page_verdicts_and_plots(tmp_path):
 
     first = accuracy.main(["--quick", "--out", str(tmp_path)])
     _check_page(tmp_path, tmp_path / "work")
+    first_page = (tmp_path / "accuracy.md").read_text()
     # Run again from scratch: fixed seeds, the same accuracies, so the same verdicts and
     # differences (only the wall-clock column may differ; the 2-rank check is not in them).
     # Redone: one run of each kind (full data with the shadow, random, DISSect's history,
@@ -122,6 +123,8 @@ def test_quick_accuracy_benchmark_writes_page_verdicts_and_plots(tmp_path):
     assert math.isclose(sum(long["gate"]["values"].values()) / 2, full["mean"]) and long["gate"]["anatomy"]
     assert "Full data at 0% noise (one-pass regime) must reach" in page and "6 finished runs were reused" in page
     assert "None: they are drawn for the memorisation regime, which this page does not have." in page
+    pointer = "`python -m benchmarks.accuracy --long-onepass` runs the one-pass regime"  # under a failed mem gate
+    assert pointer not in page and ("Gate FAILED" in first_page) == (pointer in first_page)
     assert f"python -m benchmarks.accuracy --long-onepass --seeds 0,1 --scale '{quick}'" in page
     # Its --gate-only runs the same full-data runs (reused) and prints the same gate.
     gate = accuracy.main([*argv, "--gate-only"])
