@@ -207,7 +207,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="only the one-pass regime, over twice the pairs (245,760 seen once, 1,920 steps), at 0%% and 40%% noise "
         f"for {', '.join(plan.ONEPASS_ARMS)}, its gate on its own full-data runs: the setting where full data's seeds "
-        "agree (about 95 minutes on 2 cores, outside make bench's hour)",
+        "agree (about 115 minutes on 2 cores, outside make bench's hour)",
     )
     p.add_argument(
         "--reference",
