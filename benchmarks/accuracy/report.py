@@ -145,7 +145,7 @@ def page(
     reference: Run | None = None,
 ) -> str:
     spe = scale.steps_per_epoch
-    mem = bool(matrix.noises)  # the memorisation regime is on the page (--long-onepass: only one pass)
+    mem = matrix.gate_regime == "mem"  # the memorisation regime is on the page (--long-onepass: only one pass)
     se = math.sqrt(0.25 / val["n"])
     gate_line = gate.line()
     spread = (max(gate.values.values()) - min(gate.values.values())) if gate.values else math.nan
