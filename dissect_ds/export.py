@@ -4,7 +4,9 @@ and clip_benchmark (``--model local-dir:DIR``).
 
 DIR holds ``open_clip_config.json`` (``model_cfg``: the architecture, so configs that
 only dissect_ds registers load too; ``preprocess_cfg``: image size, mean, std,
-interpolation, resize mode) and ``open_clip_model.safetensors`` (fp32).
+interpolation, resize mode) and ``open_clip_model.safetensors`` (fp32); a config with its
+own BPE vocabulary (``tokenizer_kwargs.bpe_path``) also gets a copy of that file, named by
+its absolute path, which is how open_clip reads it (moving DIR means editing that path).
 
 ``python -m dissect_ds.export --run runs/x [--checkpoint TAG] [--output DIR]`` exports
 any DeepSpeed checkpoint of a run (any ZeRO stage) the same way; training writes
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -31,11 +34,17 @@ def write_open_clip_dir(state: dict[str, torch.Tensor], model: torch.nn.Module, 
     with ``model``'s preprocessing to ``out``; files appear whole (write, then rename)."""
     from safetensors.torch import save_file
 
+    from dissect_ds.model import tokenizer_kwargs
+
     model_cfg = open_clip.get_model_config(model_name)  # dissect-* configs: registered by dissect_ds.model
     if model_cfg is None:
         raise ValueError(f"export: open_clip knows no config named {model_name!r}")
     preprocess_cfg = open_clip.get_model_preprocess_cfg(model)
     out.mkdir(parents=True, exist_ok=True)
+    bpe = tokenizer_kwargs(model_cfg).get("bpe_path")
+    if bpe:  # a config's own vocabulary travels with the weights; open_clip wants its path absolute
+        shutil.copyfile(bpe, out / Path(bpe).name)
+        model_cfg["text_cfg"]["tokenizer_kwargs"]["bpe_path"] = str((out / Path(bpe).name).resolve())
     tmp = out / (WEIGHTS_FILE + ".tmp")
     # Copies: safetensors refuses tensors that share storage.
     save_file({k: v.detach().float().cpu().contiguous().clone() for k, v in state.items()}, str(tmp))

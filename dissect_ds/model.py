@@ -71,6 +71,51 @@ def split_normalize(transform: Callable) -> tuple[Callable, ImageNormalize | Non
     return T.Compose([*steps[:-2], T.PILToTensor()]), ImageNormalize(tuple(norm.mean), tuple(norm.std))
 
 
+def bpe_subset(text: str) -> list[str]:
+    """The merges of open_clip's BPE that tokenizing ``text`` uses, in their rank order.
+
+    A ``SimpleTokenizer`` with only these merges (``tokenizer_kwargs.bpe_path`` of a model
+    config) cuts ``text``'s words into the same tokens as open_clip's default one, from a
+    vocabulary of 512 byte tokens + these merges + 2 special tokens instead of 49,408: a
+    small model trained on a closed vocabulary (the synthetic set's) then carries no
+    embedding rows it never uses. A word outside ``text`` still tokenizes, into smaller
+    pieces. ``model_configs/synthetic_bpe.txt.gz`` holds
+    ``bpe_subset(dissect_ds.data.synthetic.caption_text())`` after a ``#version`` line."""
+    tok = open_clip.SimpleTokenizer()
+    used: set[tuple[str, str]] = set()
+    for word in tok.pat.findall(tok.clean_fn(text)):
+        chars = "".join(tok.byte_encoder[b] for b in word.encode("utf-8"))
+        parts = [*chars[:-1], chars[-1] + "</w>"]
+        while True:  # open_clip's bpe(): merge the best-ranked adjacent pair until none is left
+            pairs = [p for p in zip(parts, parts[1:]) if p in tok.bpe_ranks]
+            if not pairs:
+                break
+            best = min(pairs, key=tok.bpe_ranks.__getitem__)
+            used.add(best)
+            merged: list[str] = []
+            for part in parts:
+                if merged and (merged[-1], part) == best:
+                    merged[-1] += part
+                else:
+                    merged.append(part)
+            parts = merged
+    return [" ".join(m) for m in sorted(used, key=tok.bpe_ranks.__getitem__)]
+
+
+def tokenizer_kwargs(model_cfg: dict) -> dict:
+    """``model_cfg``'s tokenizer arguments with a relative ``bpe_path`` made a path into
+    ``model_configs/`` (open_clip would read it from the working directory)."""
+    kwargs = dict(model_cfg.get("text_cfg", {}).get("tokenizer_kwargs") or {})
+    if "bpe_path" in kwargs:
+        kwargs["bpe_path"] = str(CONFIG_DIR / kwargs["bpe_path"])  # an absolute path stays as it is
+    return kwargs
+
+
+def get_tokenizer(name: str) -> Callable[[list[str]], torch.Tensor]:
+    """open_clip's tokenizer for model ``name`` (a config name or ``local-dir:DIR``)."""
+    return open_clip.get_tokenizer(name, **tokenizer_kwargs(open_clip.get_model_config(name) or {}))
+
+
 def model_exists(name: str) -> bool:
     return name in open_clip.list_models()
 
@@ -102,7 +147,7 @@ def build_model(
         force_patch_dropout=patch_dropout or None,
     )
     model.set_grad_checkpointing(grad_checkpointing)
-    return model, preprocess_train if augment else preprocess_val, preprocess_val, open_clip.get_tokenizer(name)
+    return model, preprocess_train if augment else preprocess_val, preprocess_val, get_tokenizer(name)
 
 
 def main() -> None:

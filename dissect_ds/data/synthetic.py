@@ -91,6 +91,14 @@ def classnames() -> list[str]:
     return [f"{c} {s}" for c in COLORS for s in SHAPES]
 
 
+def caption_text() -> str:
+    """Every word of the set's captions, class names and zero-shot prompts, in one text: what a
+    tokenizer for this set must cover (``dissect_ds.model.bpe_subset``)."""
+    cells = [*CELLS, *(f"on a {b} background" for b in BACKGROUNDS)]
+    prompts = [t.format(c=c) for t in ZEROSHOT_TEMPLATES for c in classnames()]
+    return " ".join(["a photo of an", *SIZES, *cells, *prompts])
+
+
 @dataclass
 class _Scene:
     color: str
