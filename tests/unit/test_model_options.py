@@ -117,3 +117,52 @@ def test_tf32_switch_sets_pytorchs_matmul_and_cudnn_flags(tmp_path):
     write_synthetic(str(tmp_path), num_samples=16, noise_rate=0.0, seed=0, val_samples=0, shard_size=16, progress=False)
     [flags] = run_ranks(_tf32_flags, 1, str(tmp_path))
     assert flags == [(True, True), (False, False)]
+
+
+def test_small_vocabulary_tokenizes_the_synthetic_captions_as_open_clip_does(tmp_path):
+    """dissect-bench-vit-sv's vocabulary (the BPE merges the synthetic captions use) is the
+    one committed, fits the config's embedding, and cuts every caption, class prompt and
+    noisy caption of the set into open_clip's default tokens; an export loads in open_clip
+    with the same tokenizer."""
+    import gzip
+    import json
+
+    import open_clip
+
+    from dissect_ds.data.synthetic import caption_text, write_synthetic
+    from dissect_ds.export import CONFIG_FILE, write_open_clip_dir
+    from dissect_ds.model import CONFIG_DIR, bpe_subset
+
+    lines = gzip.open(CONFIG_DIR / "synthetic_bpe.txt.gz").read().decode().split("\n")
+    assert lines[1:] == bpe_subset(caption_text()), "rewrite synthetic_bpe.txt.gz (see bpe_subset)"
+    model, _, _, small = build_model("dissect-bench-vit-sv", augment=False)
+    assert small.vocab_size == model.token_embedding.num_embeddings == 623
+    assert small.eot_token_id == small.vocab_size - 1  # open_clip pools the text at the largest id
+
+    import webdataset as wds
+
+    from dissect_ds.data.config import DataConfig
+    from dissect_ds.data.pipeline import read_classnames, read_templates
+
+    write_synthetic(str(tmp_path / "set"), num_samples=64, noise_rate=0.4, seed=3, val_samples=48, image_size=24)
+    captions = []
+    for split in ("train", "val"):
+        shards = sorted(str(p) for p in (tmp_path / "set" / split).glob("*.tar"))
+        captions += [s["txt"].decode() for s in wds.WebDataset(shards, shardshuffle=False)]
+    val = DataConfig(val=str(tmp_path / "set" / "val"))
+    captions += [t.format(c=c) for t in read_templates(val) for c in read_classnames(val)]
+    assert len(captions) > 100
+    default = open_clip.SimpleTokenizer(context_length=16)
+    for cap in captions:
+        ours = [small.decoder[i] for i in small([cap])[0].tolist() if i]
+        theirs = [default.decoder[i] for i in default([cap])[0].tolist() if i]
+        assert ours == theirs and len(ours) <= 16, cap
+    assert len(small(["a zebra"])[0].nonzero()) > 3  # a word outside the set still tokenizes, in pieces
+
+    export = tmp_path / "export"
+    write_open_clip_dir(model.state_dict(), model, "dissect-bench-vit-sv", export)
+    assert (export / "synthetic_bpe.txt.gz").is_file()
+    assert "synthetic_bpe" in json.loads((export / CONFIG_FILE).read_text())["model_cfg"]["text_cfg"]["tokenizer_kwargs"]["bpe_path"]
+    loaded = open_clip.get_tokenizer(f"local-dir:{export}")
+    assert torch.equal(loaded(captions[:20]), small(captions[:20]))
+    assert open_clip.get_model_config("dissect-bench-vit-sv")["text_cfg"]["tokenizer_kwargs"]["bpe_path"] == "synthetic_bpe.txt.gz"
