@@ -27,10 +27,9 @@ def _data(scale: plan.Scale, jobs: list[plan.Job], work: Path) -> None:
     """Write the data sets the jobs read (one per regime and noise level; seed 0; the
     reference's clean held-out split: another seed)."""
     for regime, noise in sorted({(j.regime, j.noise) for j in jobs}):
-        n = scale.onepass_train if regime == "onepass" else scale.train
         seed = plan.REFERENCE_DATA_SEED if regime == "ref" else 0
         out = work / "data" / plan.data_name(regime, noise)
-        run.prepare_data(out, n, noise, scale.val, scale.image_size, scale.shard, seed=seed)
+        run.prepare_data(out, scale.pairs(regime), noise, scale.val, scale.image_size, scale.shard, seed=seed)
 
 
 def _gate_val(work: Path, regime: str) -> Path:

@@ -113,15 +113,17 @@ class Scale:
 
     @property
     def steps_per_epoch(self) -> int:
+        """Memorisation regime."""
         return self.train // self.batch
 
-    @property
-    def steps(self) -> int:
-        return self.epochs * self.steps_per_epoch
+    def pairs(self, regime: str) -> int:
+        """Train pairs of ``regime`` ("mem", "onepass", or "ref": the reference's split, the
+        memorisation regime's size)."""
+        return self.onepass_train if regime == "onepass" else self.train
 
-    @property
-    def onepass_steps(self) -> int:
-        return self.onepass_train // self.batch
+    def steps(self, regime: str) -> int:
+        """Training steps of a run in ``regime``: one epoch in one pass, ``epochs`` otherwise."""
+        return self.pairs(regime) // self.batch * (1 if regime == "onepass" else self.epochs)
 
 
 # Calibrated on the 2-core machine with one torch thread per run: 60 epochs is the longest schedule
@@ -261,7 +263,7 @@ def overrides(
 ) -> list[str]:
     """Every trainer key the benchmark relies on (no config file: nothing else changes it)."""
     onepass = regime == "onepass"
-    steps = scale.onepass_steps if onepass else scale.steps
+    steps = scale.steps(regime)
     spe = steps if onepass else scale.steps_per_epoch
     warm_epochs = split_arm(arm)[1] or scale.warmup_epochs
     if not onepass and warm_epochs >= scale.epochs:
@@ -324,8 +326,7 @@ def jobs(scale: Scale, matrix: Matrix, work: Path) -> list[Job]:
         data = work / "data" / data_name(regime, noise)
         record = records_diagnostics(seed) and world == 1 and noise > 0  # clean vs noisy is all they show
         ov = overrides(scale, regime, arm, seed, rate, data, run_dir, record, reference_export(work))
-        steps = scale.onepass_steps if regime == "onepass" else scale.steps
-        cost = steps * scale.batch * (1.0 if arm == "none" else rate + 0.35)
+        cost = scale.steps(regime) * scale.batch * (1.0 if arm == "none" else rate + 0.35)
         out.append(Job(tag, regime, noise, rate, arm, seed, world, str(run_dir), tuple(ov), cost))
 
     for noise in matrix.noises:

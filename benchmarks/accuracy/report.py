@@ -165,7 +165,7 @@ def page(
         "## Design",
         "",
         f"- **Task.** `python -m dissect_ds.prepare synthetic --num-samples "
-        f"{scale.train if mem else scale.onepass_train} --noise-rate {max(matrix.noises or matrix.onepass_noises):g} --seed 0 --val-samples {scale.val} --image-size {scale.image_size} --shard-size "
+        f"{scale.pairs(matrix.gate_regime)} --noise-rate {max(matrix.noises or matrix.onepass_noises):g} --seed 0 --val-samples {scale.val} --image-size {scale.image_size} --shard-size "
         f"{scale.shard} --output DIR` (one set per regime and noise rate; the one-pass set has "
         f"{scale.onepass_train:,} pairs): one coloured shape per "
         "image (8 colours x 6 shapes = 48 classes, 3 sizes, 9 positions, dark/grey/light background, sometimes grey "
@@ -188,9 +188,9 @@ def page(
         + ("" if meta["gpu"] else " (one per core)")
         + ", each in a long-lived worker process that runs its share of the runs through the trainer (start-up "
         "is paid once per worker).",
-        f"- **Memorisation regime:** {scale.train:,} train pairs x {scale.epochs} epochs = {scale.steps} steps "
+        f"- **Memorisation regime:** {scale.train:,} train pairs x {scale.epochs} epochs = {scale.steps('mem')} steps "
         f"({spe} per epoch): noisy pairs get memorised late. **One-pass regime:** {scale.onepass_train:,} pairs, one "
-        f"epoch ({scale.onepass_steps} steps): no pair is seen twice.",
+        f"epoch ({scale.steps('onepass')} steps): no pair is seen twice.",
         f"- **Equal budgets.** Every selecting arm trains on rate x batch pairs at every step, the warm-up included: "
         f"the first {scale.warmup_epochs} epochs (one pass: the first {scale.onepass_warmup_frac:.0%} of the steps) "
         "select a random `rate` share for every arm (`selection.warmup_mode=random`, the authors' warm-up), then each "
@@ -213,7 +213,7 @@ def page(
         "selection, training; no evaluation or start-up) at the first evaluation *after the warm-up* whose "
         "zero-shot top-1 reaches the final top-1 of `none` with the same seed; median over the seeds that reach it, "
         f"and its ratio to full data's mean wall-clock. Evaluations every "
-        f"{max(1, (scale.steps if mem else scale.onepass_steps) // scale.eval_points)} steps.",
+        f"{max(1, scale.steps(matrix.gate_regime) // scale.eval_points)} steps.",
         "",
         "## Gate: can full data learn the task?",
         "",

@@ -326,7 +326,7 @@ def test_onepass_and_rate2_add_their_parts_of_the_whole_matrix_with_equal_budget
     assert sorted({j.arm for j in onepass}) == sorted(plan.ONEPASS_ARMS) and len(onepass) == 5 * 5
     assert {j.seed for j in plan.jobs(scale, matrix, tmp_path) if j.regime != "ref"} == {5, 6, 7, 8, 9}
     for job in onepass:  # one epoch over the larger set; every selecting arm at the same rate
-        assert f"train.steps={scale.onepass_steps}" in job.overrides
+        assert f"train.steps={scale.steps('onepass')}" in job.overrides
         assert f"selection.rate={1.0 if job.arm == 'none' else scale.rate}" in job.overrides
     # At the noise rates given (the command says which), with the same arms.
     _, matrix, name, command = accuracy.configure(accuracy.parse(["--onepass", "0,0.4", "--seeds", "0,1"]))
@@ -350,7 +350,7 @@ def test_long_onepass_runs_the_one_pass_regime_alone_with_its_own_gate_and_page(
     args = accuracy.parse(["--long-onepass"])
     scale, matrix, name, command = accuracy.configure(args)
     assert command == "python -m benchmarks.accuracy --long-onepass" and "(--long-onepass)" in name
-    assert scale.onepass_steps == 1920 == 2 * plan.CPU.onepass_steps and scale.train == plan.CPU.train
+    assert scale.steps("onepass") == 1920 == 2 * plan.CPU.steps("onepass") and scale.train == plan.CPU.train
     assert args.out == accuracy.LONG_ONEPASS_OUT != accuracy.c.DOCS / "bench"  # make bench's page stays
     assert matrix.gate_regime == "onepass" and plan.DEFAULT.gate_regime == "mem"
     jobs = plan.jobs(scale, matrix, tmp_path)

@@ -120,8 +120,8 @@ def test_tf32_switch_sets_pytorchs_matmul_and_cudnn_flags(tmp_path):
 
 
 def test_small_vocabulary_tokenizes_the_synthetic_captions_as_open_clip_does(tmp_path):
-    """dissect-bench-vit-sv's vocabulary (the BPE merges the synthetic captions use) is the
-    one committed, fits the config's embedding, and cuts every caption, class prompt and
+    """The bench configs' own vocabulary (the BPE merges the synthetic captions use) is the
+    one committed, fits each such config's embedding, and cuts every caption, class prompt and
     noisy caption of the set into open_clip's default tokens; an export loads in open_clip
     with the same tokenizer."""
     import gzip
@@ -135,8 +135,12 @@ def test_small_vocabulary_tokenizes_the_synthetic_captions_as_open_clip_does(tmp
 
     lines = gzip.open(CONFIG_DIR / "synthetic_bpe.txt.gz").read().decode().split("\n")
     assert lines[1:] == bpe_subset(caption_text()), "rewrite synthetic_bpe.txt.gz (see bpe_subset)"
+    own = [f.stem for f in CONFIG_DIR.glob("*.json") if "tokenizer_kwargs" in json.loads(f.read_text())["text_cfg"]]
+    assert {"dissect-bench-vit-sv", "dissect-bench-vit-gpu"} <= set(own)
+    for name in own:
+        model, _, _, small = build_model(name, augment=False)
+        assert small.vocab_size == model.token_embedding.num_embeddings == 623, name
     model, _, _, small = build_model("dissect-bench-vit-sv", augment=False)
-    assert small.vocab_size == model.token_embedding.num_embeddings == 623
     assert small.eot_token_id == small.vocab_size - 1  # open_clip pools the text at the largest id
 
     import webdataset as wds
@@ -162,7 +166,9 @@ def test_small_vocabulary_tokenizes_the_synthetic_captions_as_open_clip_does(tmp
     export = tmp_path / "export"
     write_open_clip_dir(model.state_dict(), model, "dissect-bench-vit-sv", export)
     assert (export / "synthetic_bpe.txt.gz").is_file()
-    assert "synthetic_bpe" in json.loads((export / CONFIG_FILE).read_text())["model_cfg"]["text_cfg"]["tokenizer_kwargs"]["bpe_path"]
+    exported = json.loads((export / CONFIG_FILE).read_text())["model_cfg"]["text_cfg"]["tokenizer_kwargs"]
+    assert exported["bpe_path"] == str((export / "synthetic_bpe.txt.gz").resolve())
     loaded = open_clip.get_tokenizer(f"local-dir:{export}")
     assert torch.equal(loaded(captions[:20]), small(captions[:20]))
-    assert open_clip.get_model_config("dissect-bench-vit-sv")["text_cfg"]["tokenizer_kwargs"]["bpe_path"] == "synthetic_bpe.txt.gz"
+    registered = open_clip.get_model_config("dissect-bench-vit-sv")["text_cfg"]["tokenizer_kwargs"]
+    assert registered["bpe_path"] == "synthetic_bpe.txt.gz"  # the export changed its own copy only
