@@ -43,8 +43,10 @@ def write_open_clip_dir(state: dict[str, torch.Tensor], model: torch.nn.Module, 
     out.mkdir(parents=True, exist_ok=True)
     bpe = tokenizer_kwargs(model_cfg).get("bpe_path")
     if bpe:  # a config's own vocabulary travels with the weights; open_clip wants its path absolute
-        shutil.copyfile(bpe, out / Path(bpe).name)
-        model_cfg["text_cfg"]["tokenizer_kwargs"]["bpe_path"] = str((out / Path(bpe).name).resolve())
+        target = out / Path(bpe).name
+        shutil.copyfile(bpe, target.with_name(target.name + ".tmp"))
+        os.replace(target.with_name(target.name + ".tmp"), target)
+        model_cfg["text_cfg"]["tokenizer_kwargs"]["bpe_path"] = str(target.resolve())
     tmp = out / (WEIGHTS_FILE + ".tmp")
     # Copies: safetensors refuses tensors that share storage.
     save_file({k: v.detach().float().cpu().contiguous().clone() for k, v in state.items()}, str(tmp))
