@@ -44,8 +44,9 @@ def write_open_clip_dir(state: dict[str, torch.Tensor], model: torch.nn.Module, 
     bpe = tokenizer_kwargs(model_cfg).get("bpe_path")
     if bpe:  # a config's own vocabulary travels with the weights; open_clip wants its path absolute
         target = out / Path(bpe).name
-        shutil.copyfile(bpe, target.with_name(target.name + ".tmp"))
-        os.replace(target.with_name(target.name + ".tmp"), target)
+        tmp = out / (target.name + ".tmp")
+        shutil.copyfile(bpe, tmp)
+        os.replace(tmp, target)
         model_cfg["text_cfg"]["tokenizer_kwargs"]["bpe_path"] = str(target.resolve())
     tmp = out / (WEIGHTS_FILE + ".tmp")
     # Copies: safetensors refuses tensors that share storage.

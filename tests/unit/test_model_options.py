@@ -137,10 +137,10 @@ def test_small_vocabulary_tokenizes_the_synthetic_captions_as_open_clip_does(tmp
     assert lines[1:] == bpe_subset(caption_text()), "rewrite synthetic_bpe.txt.gz (see bpe_subset)"
     own = [f.stem for f in CONFIG_DIR.glob("*.json") if "tokenizer_kwargs" in json.loads(f.read_text())["text_cfg"]]
     assert {"dissect-bench-vit-sv", "dissect-bench-vit-gpu"} <= set(own)
-    for name in own:
-        model, _, _, small = build_model(name, augment=False)
+    built = {name: build_model(name, augment=False) for name in own}
+    for name, (model, _, _, small) in built.items():
         assert small.vocab_size == model.token_embedding.num_embeddings == 623, name
-    model, _, _, small = build_model("dissect-bench-vit-sv", augment=False)
+    model, _, _, small = built["dissect-bench-vit-sv"]
     assert small.eot_token_id == small.vocab_size - 1  # open_clip pools the text at the largest id
 
     import webdataset as wds
