@@ -287,6 +287,7 @@ class Anatomy:
     top1: dict[int, float]
     colour: dict[int, float]
     shape: dict[int, float]
+    shape_by_size: dict[str, dict[int, float]]  # object size -> seed -> shape right on those val images
     item_sd: float
 
     def line(self) -> str:
@@ -295,9 +296,11 @@ class Anatomy:
         def span(v: dict[int, float]) -> str:
             return f"{min(v.values()):.3f}-{max(v.values()):.3f}"
 
+        sizes = " / ".join(self.shape_by_size)
         return (
-            f"colour right on {span(self.colour)} of the val images, shape on {span(self.shape)}; drawing the val "
-            f"images alone would move one seed's top-1 by {self.item_sd:.4f} (SD)"
+            f"colour right on {span(self.colour)} of the val images, shape on {span(self.shape)} (on {sizes} objects: "
+            f"{' / '.join(span(v) for v in self.shape_by_size.values())}); drawing the val images alone would move "
+            f"one seed's top-1 by {self.item_sd:.4f} (SD)"
         )
 
 
@@ -327,12 +330,16 @@ def zeroshot_answers(export: Path, val_dir: Path) -> tuple[np.ndarray, np.ndarra
 def anatomy(none: list[Run], val_dir: Path) -> Anatomy | None:
     """The gate runs' (full data, 0% noise) answers split into colour and shape; None
     without two seeds to compare."""
-    from dissect_ds.data.synthetic import SHAPES
+    from dissect_ds.data.synthetic import SHAPES, SIZES
 
     if len(none) < 2:
         return None
     n = len(SHAPES)  # label = colour index * n + shape index
     answers = {r.job.seed: zeroshot_answers(Path(r.job.run_dir) / "open_clip", val_dir) for r in none}
+    meta = read_meta(val_dir)
+    if any(not np.array_equal([m["label"] for m in meta], y) for _, y in answers.values()):
+        raise c.BenchError(f"{val_dir}: the val metadata and the evaluated images are not in the same order")
+    size = np.array([m["attrs"][2] for m in meta])
     right = {s: a == y for s, (a, y) in answers.items()}
     seeds = sorted(right)
     disagree = [np.mean(right[a] != right[b]) for i, a in enumerate(seeds) for b in seeds[i + 1 :]]
@@ -340,6 +347,11 @@ def anatomy(none: list[Run], val_dir: Path) -> Anatomy | None:
         top1={s: float(right[s].mean()) for s in seeds},
         colour={s: float(np.mean(a // n == y // n)) for s, (a, y) in sorted(answers.items())},
         shape={s: float(np.mean(a % n == y % n)) for s, (a, y) in sorted(answers.items())},
+        shape_by_size={
+            z: {s: float(np.mean((a % n == y % n)[size == z])) for s, (a, y) in sorted(answers.items())}
+            for z in SIZES
+            if (size == z).any()
+        },
         item_sd=float(np.sqrt(np.mean(disagree) / (2 * len(right[seeds[0]])))),
     )
 

@@ -119,13 +119,25 @@ def _anatomy(gate: Gate) -> list[str]:
     a = gate.anatomy
     if a is None:
         return []
-    rows = [[str(s), _f(gate.values[s]), _f(a.colour[s]), _f(a.shape[s])] for s in sorted(a.colour)]
+    rows = [
+        [str(s), _f(gate.values[s]), _f(a.colour[s]), _f(a.shape[s]), *(_f(v[s]) for v in a.shape_by_size.values())]
+        for s in sorted(a.colour)
+    ]
     return [
         "Where the seeds differ: each run's export re-scored per val image (the class is colour and shape; top-1 "
         f"needs both): {a.line()}, against a standard deviation of {statistics.stdev(gate.values.values()):.4f} "
         "between the seeds.",
         "",
-        md_table(["seed", "zero-shot top-1", "colour right", "shape right"], rows),
+        md_table(
+            [
+                "seed",
+                "zero-shot top-1",
+                "colour right",
+                "shape right",
+                *(f"shape right, {z} objects" for z in a.shape_by_size),
+            ],
+            rows,
+        ),
         "",
     ]
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.accuracy import IMAGES, plan, run
+from benchmarks.common import BenchError
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -183,14 +184,23 @@ def test_the_gate_anatomy_splits_each_answer_into_colour_and_shape(monkeypatch):
         1: np.array([6, 7, 13, 47, 26, 30]),  # shape only, right, right, right, shape only, right
     }
     monkeypatch.setattr(analyse, "zeroshot_answers", lambda export, val: (answers[int(export.parent.name)], label))
+    sizes = ["small", "large", "small", "small", "large", "large"]  # no medium object among the six
+    meta = [{"label": int(y), "attrs": ["c", "s", z, "p", "b"]} for y, z in zip(label, sizes)]
+    monkeypatch.setattr(analyse, "read_meta", lambda val: meta)
     runs = [
         analyse.Run(plan.Job("x", "mem", 0.0, 0.3, "none", s, 1, f"/r/{s}", (), 0.0), [], [], {}, 0.0) for s in (0, 1)
     ]
     a = analyse.anatomy(runs, Path("val"))
     assert a.top1 == {0: 3 / 6, 1: 4 / 6} and a.colour == {0: 5 / 6, 1: 4 / 6} and a.shape == {0: 4 / 6, 1: 6 / 6}
+    # shape right: seed 0 [1 1 0 1 1 0] -> small 2/3, large 2/3; seed 1 all right.
+    assert a.shape_by_size == {"small": {0: 2 / 3, 1: 1.0}, "large": {0: 2 / 3, 1: 1.0}}
+    assert "on small / large objects: 0.667-1.000 / 0.667-1.000" in a.line()
     # right:  seed 0 [1 1 0 0 1 0], seed 1 [0 1 1 1 0 1]: they disagree on 5 of 6 images.
     assert math.isclose(a.item_sd, math.sqrt(5 / 6 / (2 * 6)))
     assert analyse.anatomy(runs[:1], Path("val")) is None
+    meta.reverse()  # metadata out of the evaluated images' order: a clear stop, not a wrong split
+    with pytest.raises(BenchError, match="not in the same order"):
+        analyse.anatomy(runs, Path("val"))
 
 
 def test_reference_arms_read_a_reference_trained_first_on_held_out_clean_pairs(tmp_path):
