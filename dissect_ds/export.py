@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import open_clip
@@ -44,17 +45,20 @@ def write_open_clip_dir(state: dict[str, torch.Tensor], model: torch.nn.Module, 
     bpe = tokenizer_kwargs(model_cfg).get("bpe_path")
     if bpe:  # a config's own vocabulary travels with the weights; open_clip wants its path absolute
         target = out / Path(bpe).name
-        tmp = out / (target.name + ".tmp")
-        shutil.copyfile(bpe, tmp)
-        os.replace(tmp, target)
+        _write_whole(target, lambda tmp: shutil.copyfile(bpe, tmp))
         model_cfg["text_cfg"]["tokenizer_kwargs"]["bpe_path"] = str(target.resolve())
-    tmp = out / (WEIGHTS_FILE + ".tmp")
     # Copies: safetensors refuses tensors that share storage.
-    save_file({k: v.detach().float().cpu().contiguous().clone() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, out / WEIGHTS_FILE)
-    tmp = out / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2))
-    os.replace(tmp, out / CONFIG_FILE)
+    weights = {k: v.detach().float().cpu().contiguous().clone() for k, v in state.items()}
+    _write_whole(out / WEIGHTS_FILE, lambda tmp: save_file(weights, str(tmp)))
+    config = json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2)
+    _write_whole(out / CONFIG_FILE, lambda tmp: tmp.write_text(config))
+
+
+def _write_whole(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` a temporary file beside ``path``, then rename it: ``path`` appears whole or not at all."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def resolve_checkpoint(run_dir: Path, tag: str | None) -> Path:

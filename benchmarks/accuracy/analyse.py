@@ -341,16 +341,15 @@ def anatomy(none: list[Run], val_dir: Path) -> Anatomy | None:
         raise c.BenchError(f"{val_dir}: the val metadata and the evaluated images are not in the same order")
     size = np.array([m["attrs"][2] for m in meta])
     right = {s: a == y for s, (a, y) in answers.items()}
+    shape = {s: a % n == y % n for s, (a, y) in sorted(answers.items())}
     seeds = sorted(right)
     disagree = [np.mean(right[a] != right[b]) for i, a in enumerate(seeds) for b in seeds[i + 1 :]]
     return Anatomy(
         top1={s: float(right[s].mean()) for s in seeds},
         colour={s: float(np.mean(a // n == y // n)) for s, (a, y) in sorted(answers.items())},
-        shape={s: float(np.mean(a % n == y % n)) for s, (a, y) in sorted(answers.items())},
+        shape={s: float(r.mean()) for s, r in shape.items()},
         shape_by_size={
-            z: {s: float(np.mean((a % n == y % n)[size == z])) for s, (a, y) in sorted(answers.items())}
-            for z in SIZES
-            if (size == z).any()
+            z: {s: float(r[size == z].mean()) for s, r in shape.items()} for z in SIZES if (size == z).any()
         },
         item_sd=float(np.sqrt(np.mean(disagree) / (2 * len(right[seeds[0]])))),
     )
